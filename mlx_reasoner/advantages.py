@@ -1,0 +1,47 @@
+"""Advantages stage: turn each group's rewards into group-relative advantages.
+
+GRPO needs no critic: the baseline for a completion is the mean reward of the other
+completions sampled for the same prompt.
+"""
+
+import numpy as np
+
+
+def group_advantages(
+    rewards: np.ndarray, group_size: int, eps: float = 1e-4, scale: bool = True
+) -> np.ndarray:
+    """Normalise rewards within each group of ``group_size`` consecutive completions.
+
+    Args:
+        rewards: ``[num_prompts * group_size]`` total reward per completion, grouped
+            contiguously (all completions of prompt 0, then prompt 1, ...).
+        group_size: completions per prompt (G).
+        eps: added to the standard deviation so a group with equal rewards gives zeros,
+            not NaN.
+        scale: divide by the group's standard deviation (GRPO). ``False`` only centres the
+            rewards, as Dr. GRPO recommends.
+
+    Returns:
+        ``[num_prompts * group_size]`` float32 advantages.
+
+    >>> group_advantages(np.array([1.0, 0.0, 0.5]), 3).round(2).tolist()
+    [1.22, -1.22, 0.0]
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if rewards.ndim != 1 or rewards.size % group_size != 0:
+        raise ValueError(
+            f"expected a flat array whose length is a multiple of {group_size}, "
+            f"got shape {rewards.shape}"
+        )
+    grouped = rewards.reshape(-1, group_size)  # [prompts, G]
+    centred = grouped - grouped.mean(axis=1, keepdims=True)
+    if scale:
+        # Population std (ddof=0): rewards [1, 0, 0.5] give std 0.408.
+        centred = centred / (grouped.std(axis=1, keepdims=True) + eps)
+    return centred.reshape(-1).astype(np.float32)
+
+
+def zero_std_fraction(rewards: np.ndarray, group_size: int) -> float:
+    """Fraction of groups whose rewards are all equal, which carry no learning signal."""
+    grouped = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)
+    return float(np.mean(np.ptp(grouped, axis=1) == 0.0))

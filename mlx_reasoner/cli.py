@@ -1,0 +1,87 @@
+"""The ``mlx-reasoner`` command line: a thin click layer over the library modules."""
+
+import contextlib
+import dataclasses
+import typing
+from typing import Iterator
+
+import click
+
+from . import __version__
+from .config import TrainConfig
+from .errors import ReasonerError
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool) -> Iterator[None]:
+    """Turn known problems into a one-line message and exit status 1 (traceback with --debug)."""
+    from .ui import on_error
+
+    try:
+        yield
+    except ReasonerError as exc:
+        on_error(str(exc), debug)
+    except KeyboardInterrupt:
+        on_error("interrupted", debug)
+
+
+def _click_type(annotation):
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is tuple:
+        return typing.get_args(annotation)[0]
+    return annotation
+
+
+def config_options(cls):
+    """Click options generated from a config dataclass: one field, one ``--flag``, same help."""
+
+    def decorate(command):
+        for f in reversed(dataclasses.fields(cls)):
+            flag = "--" + f.name.replace("_", "-")
+            kind = _click_type(f.type)
+            help_text = f.metadata.get("help", "")
+            if kind is bool:
+                option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default,
+                                      show_default=True, help=help_text)
+            elif f.metadata.get("multiple"):
+                option = click.option(flag, f.name, multiple=True, type=kind, help=help_text)
+            else:
+                choices = f.metadata.get("choices")
+                option = click.option(
+                    flag, f.name, default=f.default,
+                    type=click.Choice(choices) if choices else kind,
+                    show_default=f.default is not None, help=help_text,
+                )
+            command = option(command)
+        return command
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mlx-reasoner")
+def main() -> None:
+    """Turn a chat LLM into a reasoning model with GRPO + LoRA on MLX."""
+
+
+@main.command()
+@config_options(TrainConfig)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def train(debug: bool, **options) -> None:
+    """Train LoRA adapters with GRPO (default: Qwen2.5-3B-Instruct on GSM8K).
+
+    Each step samples --batch-size questions, generates --group-size completions for each,
+    scores them with the rewards, and updates the adapters towards the better ones.
+    """
+    from .run import run_train
+
+    with user_errors(debug):
+        run_dir = run_train(TrainConfig(**options))
+        click.echo(f"done: adapters in {run_dir} "
+                   f"(try: mlx_lm.generate --model MODEL --adapter-path {run_dir})")
+
+
+if __name__ == "__main__":
+    main()

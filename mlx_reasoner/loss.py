@@ -1,0 +1,261 @@
+"""Loss stage: per-token log-probabilities of completions and the GRPO objective.
+
+Everything here is a function of arrays except ``completion_logprobs``, which runs the
+model. Losses are written so that micro-batch losses add up to the full-batch loss:
+the normalising constants come from the whole batch (``Normalizer``), which makes
+gradient accumulation exact.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Hyper-parameters of the GRPO objective."""
+
+    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
+    epsilon_high: Optional[float] = None  # upper clip (DAPO); None means epsilon
+    beta: float = 0.0  # weight of the k3 KL to the reference; 0 skips the reference
+    loss_type: str = "grpo"
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Batch-wide constants, so that the loss of a micro-batch is its share of the total."""
+
+    num_completions: int
+    num_tokens: int  # real completion tokens in the whole batch, at least 1
+    max_completion_tokens: int
+
+    @classmethod
+    def for_batch(cls, mask: mx.array, max_completion_tokens: int) -> "Normalizer":
+        return cls(mask.shape[0], max(int(mask.sum().item()), 1), max_completion_tokens)
+
+
+@dataclass
+class PackedBatch:
+    """Prompt + completion sequences laid out for one forward pass.
+
+    Each row is ``prompt + completion`` right-padded; padding at the end never affects
+    earlier positions under a causal mask.
+    """
+
+    tokens: mx.array  # [B, L] int32
+    positions: mx.array  # [B, T] int32: where each completion token is predicted from
+    targets: mx.array  # [B, T] int32: the completion tokens, as generated
+    mask: mx.array  # [B, T] float32: 1 for real completion tokens
+    advantages: mx.array  # [B] float32
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def slice(self, start: int, stop: int) -> "PackedBatch":
+        return PackedBatch(
+            self.tokens[start:stop],
+            self.positions[start:stop],
+            self.targets[start:stop],
+            self.mask[start:stop],
+            self.advantages[start:stop],
+        )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def pack_sequences(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    advantages: np.ndarray,
+    pad_multiple: int = 16,
+) -> PackedBatch:
+    """Lay out completions with their prompts in front, for scoring.
+
+    Lengths are rounded up to ``pad_multiple`` so that compiled functions see few
+    distinct shapes. Token ids are used exactly as generated (never re-tokenised).
+
+    Args:
+        prompt_ids: per completion, the prompt's token ids.
+        completion_ids: per completion, the generated token ids (EOS included if emitted).
+        advantages: ``[B]`` advantage per completion.
+
+    Returns:
+        A ``PackedBatch``.
+    """
+    batch = len(completion_ids)
+    max_completion = _round_up(max(len(c) for c in completion_ids), pad_multiple)
+    max_total = _round_up(
+        max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)), pad_multiple
+    )
+    tokens = np.zeros((batch, max_total), dtype=np.int32)
+    positions = np.zeros((batch, max_completion), dtype=np.int32)
+    targets = np.zeros((batch, max_completion), dtype=np.int32)
+    mask = np.zeros((batch, max_completion), dtype=np.float32)
+    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
+        sequence = list(prompt) + list(completion)
+        tokens[row, : len(sequence)] = sequence
+        n = len(completion)
+        # Token j of the completion is predicted by the hidden state one position before it.
+        positions[row] = np.minimum(len(prompt) - 1 + np.arange(max_completion), max_total - 1)
+        targets[row, :n] = completion
+        mask[row, :n] = 1.0
+    return PackedBatch(
+        mx.array(tokens),
+        mx.array(positions),
+        mx.array(targets),
+        mx.array(mask),
+        mx.array(np.asarray(advantages, dtype=np.float32)),
+    )
+
+
+def output_head(model: nn.Module) -> Callable[[mx.array], mx.array]:
+    """The projection from final hidden states to vocabulary logits."""
+    if hasattr(model, "lm_head"):
+        return model.lm_head
+    return model.model.embed_tokens.as_linear
+
+
+def _chunk_logprobs(head: Callable, temperature: float):
+    def fn(hidden: mx.array, targets: mx.array) -> mx.array:
+        logits = head(hidden).astype(mx.float32) / temperature  # [B, c, V]
+        picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return picked - mx.logsumexp(logits, axis=-1)  # [B, c]
+
+    return fn
+
+
+def completion_logprobs(
+    model: nn.Module,
+    batch: PackedBatch,
+    temperature: float = 1.0,
+    chunk_size: int = 128,
+) -> mx.array:
+    """Log-probabilities of each completion token, with its prompt in context.
+
+    Only hidden states at completion positions are projected onto the vocabulary, and
+    that projection runs in chunks of ``chunk_size`` positions under ``mx.checkpoint``,
+    so float32 logits for the whole ``[B, T, vocab]`` never exist at once, in the forward
+    or the backward pass.
+
+    Args:
+        model: an mlx-lm causal LM exposing ``model.model`` (the decoder stack).
+        batch: the packed sequences.
+        temperature: logits are divided by it, matching the sampling distribution.
+        chunk_size: completion positions projected at a time.
+
+    Returns:
+        ``[B, T]`` float32 log-probabilities (garbage where ``batch.mask`` is 0).
+    """
+    hidden = model.model(batch.tokens)  # [B, L, H]
+    hidden = mx.take_along_axis(hidden, batch.positions[..., None], axis=1)  # [B, T, H]
+    chunk_fn = _chunk_logprobs(output_head(model), temperature)
+    pieces = []
+    for start in range(0, batch.targets.shape[1], chunk_size):
+        targets = batch.targets[:, start : start + chunk_size]
+        # Targets are closed over: mx.checkpoint differentiates all of its arguments.
+        checkpointed = mx.checkpoint(lambda h, t=targets: chunk_fn(h, t))
+        pieces.append(checkpointed(hidden[:, start : start + chunk_size]))
+    return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
+
+
+def token_kl(logp: mx.array, ref_logp: mx.array) -> mx.array:
+    """k3 estimator of KL(policy || reference) per token: exp(r - p) - (r - p) - 1 >= 0."""
+    delta = ref_logp - logp
+    return mx.exp(delta) - delta - 1.0
+
+
+def clipped_surrogate(
+    logp: mx.array,
+    old_logp: mx.array,
+    advantages: mx.array,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> Tuple[mx.array, mx.array]:
+    """Per-token PPO-style clipped objective, negated into a loss.
+
+    Args:
+        logp: ``[B, T]`` current log-probabilities (differentiable).
+        old_logp: ``[B, T]`` log-probabilities of the policy that sampled the tokens.
+        advantages: ``[B]`` per completion.
+
+    Returns:
+        ``(per_token_loss [B, T], ratio [B, T])``.
+    """
+    ratio = mx.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = mx.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
+    return -mx.minimum(unclipped, clipped), ratio
+
+
+def aggregate_grpo(per_token: mx.array, mask: mx.array, norm: Normalizer) -> mx.array:
+    """Mean over each completion's tokens, then mean over completions."""
+    lengths = mx.maximum(mask.sum(axis=1), 1.0)
+    return ((per_token * mask).sum(axis=1) / lengths).sum() / norm.num_completions
+
+
+def aggregate_bnpo(per_token: mx.array, mask: mx.array, norm: Normalizer) -> mx.array:
+    """Mean over every completion token of the batch."""
+    return (per_token * mask).sum() / norm.num_tokens
+
+
+def aggregate_dr_grpo(per_token: mx.array, mask: mx.array, norm: Normalizer) -> mx.array:
+    """Sum over tokens divided by a constant (completions x max tokens): no length bias."""
+    return (per_token * mask).sum() / (norm.num_completions * norm.max_completion_tokens)
+
+
+AGGREGATORS: Dict[str, Callable[[mx.array, mx.array, Normalizer], mx.array]] = {
+    "grpo": aggregate_grpo,
+    "bnpo": aggregate_bnpo,
+    "dr_grpo": aggregate_dr_grpo,
+}
+
+
+def grpo_loss(
+    logp: mx.array,
+    old_logp: Optional[mx.array],
+    ref_logp: Optional[mx.array],
+    advantages: mx.array,
+    mask: mx.array,
+    config: LossConfig,
+    normalizer: Normalizer,
+) -> Tuple[mx.array, Dict[str, mx.array]]:
+    """The GRPO loss for a (micro-)batch.
+
+    Args:
+        logp: ``[B, T]`` current policy log-probabilities of the completion tokens.
+        old_logp: ``[B, T]`` log-probabilities before this batch's first update, or None
+            for a single update per batch (the ratio is then exp(logp - sg(logp)) = 1 with
+            the policy gradient as its gradient).
+        ref_logp: ``[B, T]`` reference (adapters off) log-probabilities; ignored when
+            ``config.beta`` is 0.
+        advantages: ``[B]``.
+        mask: ``[B, T]`` 1 for completion tokens, 0 for padding.
+        config: clip range, KL weight and aggregation.
+        normalizer: batch-wide constants for the aggregation.
+
+    Returns:
+        ``(loss, sums)``: the scalar loss and additive statistics for logging:
+        ``kl_sum``, ``clip_low``, ``clip_high`` (token counts) and ``tokens``.
+    """
+    if old_logp is None:
+        old_logp = mx.stop_gradient(logp)
+    epsilon_high = config.epsilon if config.epsilon_high is None else config.epsilon_high
+    per_token, ratio = clipped_surrogate(logp, old_logp, advantages, config.epsilon, epsilon_high)
+    sums = {"tokens": mask.sum()}
+    if config.beta > 0.0:
+        kl = token_kl(logp, ref_logp)
+        per_token = per_token + config.beta * kl
+        sums["kl_sum"] = mx.stop_gradient((kl * mask).sum())
+    adv = advantages[:, None]
+    sums["clip_low"] = (((ratio < 1.0 - config.epsilon) & (adv < 0)) * mask).sum()
+    sums["clip_high"] = (((ratio > 1.0 + epsilon_high) & (adv > 0)) * mask).sum()
+    loss = AGGREGATORS[config.loss_type](per_token, mask, normalizer)
+    return loss, sums

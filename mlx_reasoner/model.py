@@ -1,0 +1,132 @@
+"""Model stage: load a base model with mlx-lm, attach LoRA adapters, and switch them off.
+
+The reference policy for the KL term is the same base weights with the adapters
+bypassed, so no second copy of the model is ever held in memory.
+"""
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .errors import ReasonerError
+
+# Every linear layer of a block; names follow mlx-lm's Llama/Qwen family.
+LORA_SCALE = 20.0
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def load_model(name_or_path: str, adapter_path: Optional[str] = None) -> Tuple[nn.Module, object]:
+    """Load a model and tokenizer with ``mlx_lm.load``.
+
+    Args:
+        name_or_path: a Hugging Face hub id (``Qwen/Qwen2.5-3B-Instruct``) or a local
+            mlx-lm model directory (quantized models work too: training them is QLoRA).
+        adapter_path: an existing adapter folder to apply (``adapter_config.json`` +
+            ``adapters.safetensors``).
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        ReasonerError: when the model cannot be loaded, with what to pass instead.
+    """
+    from mlx_lm import load
+
+    local = _looks_local(name_or_path)
+    if local and not Path(name_or_path).expanduser().is_dir():
+        raise ReasonerError(f"model directory not found: {name_or_path}")
+    if local and not (Path(name_or_path).expanduser() / "config.json").is_file():
+        raise ReasonerError(
+            f"{name_or_path} is not an mlx-lm model directory (no config.json); "
+            "convert a Hugging Face model with `mlx_lm.convert` or pass a hub id"
+        )
+    if adapter_path is not None:
+        check_adapter_dir(adapter_path)
+    try:
+        return load(str(Path(name_or_path).expanduser()) if local else name_or_path,
+                    adapter_path=adapter_path)
+    except Exception as exc:  # mlx-lm/hf-hub raise many types; all mean "cannot load"
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        if local:
+            raise ReasonerError(f"could not load model from {name_or_path} ({reason})") from exc
+        raise ReasonerError(
+            f"could not load model '{name_or_path}' from the Hugging Face hub ({reason}); "
+            "if you are offline, pass a local mlx-lm model directory with --model"
+        ) from exc
+
+
+def check_adapter_dir(adapter_path: str) -> Path:
+    """Check that ``adapter_path`` is an adapter folder mlx-lm can load."""
+    path = Path(adapter_path)
+    if not (path / "adapter_config.json").is_file():
+        raise ReasonerError(f"{adapter_path} has no adapter_config.json: not an adapter folder")
+    if not (path / "adapters.safetensors").is_file():
+        raise ReasonerError(f"{adapter_path} has no adapters.safetensors")
+    return path
+
+
+def lora_config(num_layers: int, rank: int, scale: float = LORA_SCALE, dropout: float = 0.0) -> Dict:
+    """The adapter description mlx-lm stores in ``adapter_config.json``."""
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers,
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout},
+    }
+
+
+def attach_lora(model: nn.Module, config: Dict) -> int:
+    """Freeze the base model and add LoRA to every linear layer of the top blocks.
+
+    Args:
+        model: an mlx-lm model.
+        config: from ``lora_config``; ``num_layers`` counts blocks from the top (-1: all).
+
+    Returns:
+        The number of trainable parameters.
+    """
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    total_layers = len(model.layers)
+    if config["num_layers"] > total_layers:
+        raise ReasonerError(
+            f"--lora-layers {config['num_layers']} is more than the model's {total_layers} "
+            f"blocks; use at most {total_layers} (or -1 for all)"
+        )
+    if config["num_layers"] < 0:
+        config["num_layers"] = total_layers
+    model.freeze()
+    linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: every LoRA layer is bypassed inside the block.
+
+    The LoRA modules are swapped for the frozen linear layers they wrap, then put back,
+    so the reference policy shares the base weights instead of copying them.
+    """
+    from mlx_lm.tuner.lora import LoRALinear
+
+    lora_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    model.update_modules(tree_unflatten([(name, m.linear) for name, m in lora_modules]))
+    try:
+        yield model
+    finally:
+        model.update_modules(tree_unflatten(lora_modules))
+
+
+def adapter_weights(model: nn.Module) -> Dict:
+    """The trainable (adapter) parameters, by name, as mlx-lm saves them."""
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def read_adapter_config(adapter_path: str) -> Dict:
+    return json.loads((Path(adapter_path) / "adapter_config.json").read_text())

@@ -1,0 +1,289 @@
+"""Trainer stage: the GRPO loop that ties rollout, rewards, advantages and loss together.
+
+One step: sample a batch of prompts, generate a group of completions for each, score
+them, turn the scores into group-relative advantages, and update the LoRA adapters.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from .advantages import group_advantages, zero_std_fraction
+from .config import TrainConfig
+from .loss import LossConfig, Normalizer, PackedBatch, completion_logprobs, grpo_loss, pack_sequences
+from .model import adapters_disabled
+from .rollout import Rollouts, generate_groups
+
+
+def make_schedule(config: TrainConfig) -> Callable:
+    """Linear warm-up to the peak rate, then cosine decay to ``min_lr_ratio`` of it."""
+    total = config.steps * config.num_iterations
+    warmup = min(config.warmup_steps * config.num_iterations, total - 1)
+    peak = config.learning_rate
+    cosine = optim.cosine_decay(peak, max(total - warmup, 1), end=peak * config.min_lr_ratio)
+    if warmup <= 0:
+        return cosine
+    return optim.join_schedules([optim.linear_schedule(peak / warmup, peak, warmup), cosine], [warmup])
+
+
+class GradientComputer:
+    """Loss and gradients of one micro-batch, optionally ``mx.compile``d over the model state."""
+
+    def __init__(self, model: nn.Module, loss_config: LossConfig, temperature: float,
+                 compile: bool = True):
+        self.model = model
+
+        def loss_fn(model, inputs: Dict[str, mx.array]):
+            batch = PackedBatch(inputs["tokens"], inputs["positions"], inputs["targets"],
+                                inputs["mask"], inputs["advantages"])
+            logp = completion_logprobs(model, batch, temperature)
+            norm = Normalizer(inputs["num_completions"], inputs["num_tokens"],
+                              inputs["max_completion_tokens"])
+            return grpo_loss(logp, inputs.get("old_logp"), inputs.get("ref_logp"),
+                             batch.advantages, batch.mask, loss_config, norm)
+
+        value_and_grad = nn.value_and_grad(model, loss_fn)
+
+        def step(inputs):
+            (loss, sums), grads = value_and_grad(model, inputs)
+            return loss, sums, grads
+
+        state = [model.state, mx.random.state]
+        self._step = mx.compile(step, inputs=state, outputs=state) if compile else step
+
+    def __call__(self, batch: PackedBatch, norm: Normalizer, old_logp=None, ref_logp=None):
+        inputs = {
+            "tokens": batch.tokens, "positions": batch.positions, "targets": batch.targets,
+            "mask": batch.mask, "advantages": batch.advantages,
+            # Passed as arrays so a compiled step is not retraced when they change.
+            "num_completions": mx.array(norm.num_completions, mx.float32),
+            "num_tokens": mx.array(norm.num_tokens, mx.float32),
+            "max_completion_tokens": mx.array(norm.max_completion_tokens, mx.float32),
+        }
+        if old_logp is not None:
+            inputs["old_logp"] = old_logp
+        if ref_logp is not None:
+            inputs["ref_logp"] = ref_logp
+        return self._step(inputs)
+
+
+@dataclass
+class UpdateStats:
+    loss: float
+    kl: float
+    clip_fraction: float
+    grad_norm: float
+    skipped: bool = False
+
+
+def micro_batches(rollouts: Rollouts, advantages: np.ndarray, size: int) -> List[PackedBatch]:
+    """Pack the step's completions into micro-batches of ``size``, each padded tightly."""
+    return [
+        pack_sequences(rollouts.prompt_ids[i : i + size], rollouts.completion_ids[i : i + size],
+                       advantages[i : i + size])
+        for i in range(0, len(rollouts), size)
+    ]
+
+
+def logprobs_no_grad(model: nn.Module, batches: Sequence[PackedBatch], temperature: float):
+    out = []
+    for batch in batches:
+        logp = mx.stop_gradient(completion_logprobs(model, batch, temperature))
+        mx.eval(logp)
+        out.append(logp)
+    return out
+
+
+def policy_update(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    grad_computer: GradientComputer,
+    rollouts: Rollouts,
+    advantages: np.ndarray,
+    config: TrainConfig,
+) -> UpdateStats:
+    """Apply ``num_iterations`` clipped GRPO updates to the adapters from one batch of rollouts.
+
+    The reference (adapters off) and, for several iterations, the old-policy log-probs are
+    computed once, before the first update; gradients accumulate over micro-batches.
+    """
+    batches = micro_batches(rollouts, advantages, config.micro_batch_size)
+    norm = Normalizer(len(rollouts), max(rollouts.generated_tokens, 1), config.max_completion_tokens)
+    ref = [None] * len(batches)
+    if config.beta > 0:
+        with adapters_disabled(model):
+            ref = logprobs_no_grad(model, batches, config.temperature)
+    old = [None] * len(batches)
+    if config.num_iterations > 1:
+        old = logprobs_no_grad(model, batches, config.temperature)
+
+    losses, kls, clips, norms = [], [], [], []
+    for _ in range(config.num_iterations):
+        total_grads, total_loss = None, 0.0
+        sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0}
+        for batch, ref_logp, old_logp in zip(batches, ref, old):
+            loss, batch_sums, grads = grad_computer(batch, norm, old_logp, ref_logp)
+            total_grads = grads if total_grads is None else tree_map(mx.add, total_grads, grads)
+            mx.eval(total_grads, loss, batch_sums)
+            total_loss += loss.item()
+            for key, value in batch_sums.items():
+                sums[key] += value.item()
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        clipped, grad_norm = optim.clip_grad_norm(total_grads, max_norm)
+        grad_norm = grad_norm.item()
+        if not (np.isfinite(grad_norm) and np.isfinite(total_loss)):
+            # A non-finite update would poison the adapters for good: drop it.
+            return UpdateStats(total_loss, float("nan"), float("nan"), grad_norm, skipped=True)
+        optimizer.update(model, clipped)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+        tokens = max(sums["tokens"], 1.0)
+        losses.append(total_loss)
+        kls.append(sums["kl_sum"] / tokens)
+        clips.append((sums["clip_low"] + sums["clip_high"]) / tokens)
+        norms.append(grad_norm)
+    return UpdateStats(float(np.mean(losses)), float(np.mean(kls)), float(np.mean(clips)),
+                       float(np.mean(norms)))
+
+
+def _step_metrics(step, rollouts, scores, update, config, times, lr) -> Dict:
+    total = scores.total
+    lengths = np.array([len(c) for c in rollouts.completion_ids])
+    metrics = {
+        "step": step,
+        "loss": update.loss,
+        "reward_mean": float(total.mean()),
+        "reward_std": float(total.std()),
+    }
+    for name, values in scores.components.items():
+        metrics[f"reward/{name}"] = float(np.mean(values))
+    metrics.update(
+        frac_reward_zero_std=zero_std_fraction(total, config.group_size),
+        kl=update.kl if config.beta > 0 else 0.0,
+        clip_fraction=update.clip_fraction,
+        grad_norm=update.grad_norm,
+        skipped_update=update.skipped,
+        learning_rate=lr,
+        completion_tokens_mean=float(lengths.mean()),
+        completion_tokens_max=int(lengths.max()),
+        truncated_fraction=float(np.mean([r == "length" for r in rollouts.finish_reasons])),
+        tokens_per_s=rollouts.tokens_per_second,
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        **times,
+    )
+    return metrics
+
+
+def _rollout_records(step, batch, rollouts, scores, advantages) -> List[Dict]:
+    records = []
+    for i, text in enumerate(rollouts.texts):
+        example = batch[i // rollouts.group_size]
+        records.append({
+            "step": step,
+            "prompt": example.question,
+            "answer": example.answer,
+            "completion": text,
+            "reward": float(scores.total[i]),
+            "rewards": {name: float(v[i]) for name, v in scores.components.items()},
+            "advantage": float(advantages[i]),
+            "completion_tokens": len(rollouts.completion_ids[i]),
+            "finish_reason": rollouts.finish_reasons[i],
+        })
+    return records
+
+
+def train(
+    config: TrainConfig,
+    model: nn.Module,
+    tokenizer,
+    batches,
+    rewards,
+    system_prompt: str,
+    display,
+    on_step: Optional[Callable[[int, Dict, List[Dict]], None]] = None,
+    on_save: Optional[Callable[[int], None]] = None,
+) -> List[Dict]:
+    """Run ``config.steps`` GRPO steps on LoRA adapters already attached to ``model``.
+
+    Args:
+        config: the validated run configuration.
+        model: policy with LoRA layers (base frozen).
+        tokenizer: mlx-lm tokenizer wrapper.
+        batches: iterator yielding lists of ``Example`` (``batch_size`` prompts each).
+        rewards: active ``WeightedReward`` list.
+        system_prompt: text of the system prompt.
+        display: a ``TrainDisplay`` (or anything with phase/update/sample/message).
+        on_step: called with ``(step, metrics, rollout_records)`` after every step.
+        on_save: called with the step number every ``save_every`` steps and at the end.
+
+    Returns:
+        The list of per-step metrics.
+    """
+    from mlx_lm.sample_utils import make_sampler
+
+    from .prompts import encode_prompt
+    from .rewards import score_completions
+
+    schedule = make_schedule(config)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+    loss_config = LossConfig(config.epsilon, config.epsilon_high, config.beta, config.loss_type)
+    grads = GradientComputer(model, loss_config, config.temperature, compile=config.compile)
+    sampler = make_sampler(config.temperature, top_p=config.top_p, min_p=config.min_p,
+                           top_k=config.top_k)
+    history = []
+    for step in range(1, config.steps + 1):
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        display.phase("generating")
+        batch = next(batches)
+        prompts = [encode_prompt(tokenizer, system_prompt, ex.question) for ex in batch]
+        rollouts = generate_groups(model, tokenizer, prompts, config.group_size,
+                                   config.max_completion_tokens, sampler)
+        generated = time.perf_counter()
+
+        display.phase("scoring")
+        answers = [ex.answer for ex in batch for _ in range(config.group_size)]
+        questions = [ex.question for ex in batch for _ in range(config.group_size)]
+        scores = score_completions(rewards, rollouts.texts, answers, questions=questions)
+        advantages = group_advantages(scores.total, config.group_size, scale=config.scale_rewards)
+        scored = time.perf_counter()
+
+        display.phase("training")
+        lr = float(schedule(optimizer.state.get("step", mx.array(0))))
+        update = policy_update(model, optimizer, grads, rollouts, advantages, config)
+        trained = time.perf_counter()
+
+        times = {
+            "time_generate": generated - start,
+            "time_score": scored - generated,
+            "time_train": trained - scored,
+            "time_step": trained - start,
+        }
+        metrics = _step_metrics(step, rollouts, scores, update, config, times, lr)
+        records = _rollout_records(step, batch, rollouts, scores, advantages)
+        history.append(metrics)
+        if on_step is not None:
+            on_step(step, metrics, records)
+        display.update(metrics)
+        if update.skipped:
+            display.message(f"step {step}: non-finite loss or gradient, update skipped")
+        if config.sample_every and (step % config.sample_every == 0 or step == 1):
+            best = int(np.argmax(scores.total[: config.group_size]))
+            display.sample({
+                "step": step,
+                "question": batch[0].question,
+                "answer": batch[0].answer,
+                "completion": rollouts.texts[best],
+                "rewards": scores.total[: config.group_size].tolist(),
+                "index": best,
+            })
+        if on_save is not None and (step == config.steps or (
+                config.save_every and step % config.save_every == 0)):
+            display.phase("saving")
+            on_save(step)
+    return history
