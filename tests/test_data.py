@@ -32,6 +32,11 @@ def write_jsonl(path, rows):
     return path
 
 
+def write_json(path, payload):
+    path.write_text(json.dumps(payload), encoding="utf-8")
+    return path
+
+
 def write_csv(path, rows, fields=("question", "answer")):
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(fields))
@@ -47,18 +52,13 @@ def write_parquet(path, rows):
 
 WRITERS = {
     "jsonl": lambda tmp, rows: write_jsonl(tmp / "d.jsonl", rows),
-    "json-list": lambda tmp, rows: _write_json(tmp / "d.json", rows),
-    "json-data": lambda tmp, rows: _write_json(tmp / "d.json", {"data": rows}),
-    "json-examples": lambda tmp, rows: _write_json(tmp / "d.json", {"examples": rows}),
-    "json-split": lambda tmp, rows: _write_json(tmp / "d.json", {"train": rows, "test": []}),
+    "json-list": lambda tmp, rows: write_json(tmp / "d.json", rows),
+    "json-data": lambda tmp, rows: write_json(tmp / "d.json", {"data": rows}),
+    "json-examples": lambda tmp, rows: write_json(tmp / "d.json", {"examples": rows}),
+    "json-split": lambda tmp, rows: write_json(tmp / "d.json", {"train": rows, "test": []}),
     "csv": lambda tmp, rows: write_csv(tmp / "d.csv", rows),
     "parquet": lambda tmp, rows: write_parquet(tmp / "d.parquet", rows),
 }
-
-
-def _write_json(path, payload):
-    path.write_text(json.dumps(payload), encoding="utf-8")
-    return path
 
 
 def one_line_error(excinfo) -> str:
@@ -204,14 +204,14 @@ def test_bad_json_file_names_the_line(tmp_path):
 
 
 def test_json_object_without_rows_lists_its_keys(tmp_path):
-    path = _write_json(tmp_path / "d.json", {"rows": []})
+    path = write_json(tmp_path / "d.json", {"rows": []})
     with pytest.raises(ReasonerError, match=r"keys: 'rows'"):
         load_examples(str(path))
 
 
 def test_json_split_key_is_chosen_by_split(tmp_path):
     payload = {"train": [ROWS[0]], "test": [ROWS[1]]}
-    path = _write_json(tmp_path / "d.json", payload)
+    path = write_json(tmp_path / "d.json", payload)
     assert load_examples(str(path), split="test") == EXPECTED[1:]
 
 
