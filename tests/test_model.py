@@ -1,0 +1,87 @@
+"""Model handling: loading errors, LoRA attachment, adapters switched off, mlx-lm adapter format."""
+
+import json
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+from mlx_reasoner.checkpoints import save_adapters
+from mlx_reasoner.errors import ReasonerError
+from mlx_reasoner.model import (
+    adapter_weights,
+    adapters_disabled,
+    attach_lora,
+    load_model,
+    lora_config,
+)
+
+TOKENS = mx.array([[1, 5, 9, 30, 41, 7]])
+
+
+def perturb_adapters(model, amount=0.05):
+    """LoRA starts as a no-op (lora_b = 0); move it so the adapters change the output."""
+    mx.random.seed(1)
+    model.update(tree_map(lambda p: p + amount * mx.random.normal(p.shape),
+                          model.trainable_parameters()))
+
+
+def test_attach_lora_freezes_base_and_targets_top_blocks(tiny_model):
+    model, _ = tiny_model
+    count = attach_lora(model, lora_config(1, 4))
+    names = [name for name, _ in tree_flatten(model.trainable_parameters())]
+    assert names and all(n.endswith(("lora_a", "lora_b")) for n in names)
+    top = len(model.layers) - 1
+    assert all(n.startswith(f"model.layers.{top}.") for n in names)
+    # q, k, v, o, gate, up, down: every linear layer of the block.
+    assert len(names) == 14
+    assert count == sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def test_adapters_disabled_gives_the_base_model_output(tiny_model):
+    model, _ = tiny_model
+    base = model(TOKENS)
+    attach_lora(model, lora_config(-1, 4))
+    perturb_adapters(model)
+    adapted = model(TOKENS)
+    assert mx.abs(adapted - base).max().item() > 1e-3
+    with adapters_disabled(model):
+        off = model(TOKENS)
+    assert mx.array_equal(off, base)
+    # ... and the adapters are back afterwards.
+    assert mx.array_equal(model(TOKENS), adapted)
+
+
+def test_too_many_lora_layers_is_a_clear_error(tiny_model):
+    model, _ = tiny_model
+    with pytest.raises(ReasonerError, match="--lora-layers 99"):
+        attach_lora(model, lora_config(99, 4))
+
+
+def test_saved_adapters_load_with_mlx_lm(tiny_model, tiny_model_dir, tmp_path):
+    model, _ = tiny_model
+    config = lora_config(2, 4)
+    attach_lora(model, config)
+    perturb_adapters(model)
+    expected = model(TOKENS)
+    save_adapters(tmp_path, adapter_weights(model), {**config, "model": str(tiny_model_dir)})
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fine_tune_type"] == "lora"
+    reloaded, _ = mlx_lm.load(str(tiny_model_dir), adapter_path=str(tmp_path))
+    assert mx.allclose(reloaded(TOKENS), expected, atol=1e-5)
+
+
+def test_load_model_errors_are_actionable(tmp_path):
+    with pytest.raises(ReasonerError, match="model directory not found"):
+        load_model(str(tmp_path / "missing"))
+    with pytest.raises(ReasonerError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_hub_failure_says_to_pass_a_local_directory(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ReasonerError) as info:
+        load_model("nobody-here/not-a-real-model-xyz")
+    message = str(info.value)
+    assert "local mlx-lm model directory" in message and "--model" in message
+    assert "\n" not in message

@@ -1,0 +1,127 @@
+"""Training: the loop learns a reward a tiny model can chase, and survives NaN-prone edge cases."""
+
+import io
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from rich.console import Console
+
+from mlx_reasoner.advantages import group_advantages
+from mlx_reasoner.config import TrainConfig
+from mlx_reasoner.data import Example, batch_iterator
+from mlx_reasoner.loss import LossConfig
+from mlx_reasoner.model import attach_lora, lora_config
+from mlx_reasoner.rewards import WeightedReward
+from mlx_reasoner.rollout import Rollouts
+from mlx_reasoner.trainer import GradientComputer, make_schedule, policy_update, train
+from mlx_reasoner.ui import TrainDisplay
+
+
+def digit_share(completions, answers, **kwargs):
+    """Share of completion characters that are digits: easy to raise by emitting digit tokens."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def quiet_display(steps):
+    return TrainDisplay(steps, console=Console(file=io.StringIO(), force_terminal=False), live=False)
+
+
+def split_params(model):
+    adapters = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+    base = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if k not in adapters}
+    return adapters, base
+
+
+@pytest.mark.slow
+def test_grpo_raises_a_learnable_reward_and_only_touches_lora(tiny_model):
+    model, tokenizer = tiny_model
+    config = TrainConfig(
+        steps=30, batch_size=2, group_size=8, max_completion_tokens=12, lora_layers=-1,
+        learning_rate=1e-2, warmup_steps=0, beta=0.04, temperature=1.0, sample_every=0,
+    ).validate()
+    mx.random.seed(0)
+    attach_lora(model, lora_config(config.lora_layers, config.lora_rank))
+    adapters_before, base_before = split_params(model)
+    examples = [Example(f"Say something about {i}.", str(i)) for i in range(16)]
+    history = train(
+        config, model, tokenizer, batch_iterator(examples, config.batch_size, seed=0),
+        [WeightedReward("digit_share", digit_share)], "Answer briefly.", quiet_display(30),
+    )
+    rewards = [m["reward_mean"] for m in history]
+    start, end = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    assert start < 0.15
+    assert end > start + 0.25, f"reward did not rise: {start:.3f} -> {end:.3f}"
+    assert all(np.isfinite(m["loss"]) and np.isfinite(m["kl"]) for m in history)
+    assert max(m["kl"] for m in history) > 0, "beta > 0 must measure a KL"
+
+    adapters_after, base_after = split_params(model)
+    assert all(np.array_equal(base_before[k], base_after[k]) for k in base_before)
+    changed = [k for k in adapters_before if not np.allclose(adapters_before[k], adapters_after[k])]
+    assert len(changed) == len(adapters_before)
+
+
+def make_rollouts(tokenizer, completions, finish_reasons, group_size):
+    prompt = tokenizer.encode("What is 2 + 2?")
+    return Rollouts(
+        group_size=group_size,
+        prompt_ids=[prompt] * len(completions),
+        completion_ids=completions,
+        finish_reasons=finish_reasons,
+        texts=[tokenizer.decode(c) for c in completions],
+    )
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_edge_cases_stay_finite(tiny_model, loss_type, num_iterations):
+    """EOS-first (one-token) completions, all-equal groups, and all-truncated groups."""
+    model, tokenizer = tiny_model
+    (eos,) = tokenizer.eos_token_ids
+    config = TrainConfig(group_size=4, max_completion_tokens=6, beta=0.04, loss_type=loss_type,
+                         num_iterations=num_iterations, micro_batch_size=3, lora_layers=-1)
+    attach_lora(model, lora_config(-1, 4))
+    completions = (
+        [[eos], [eos], [5, eos], [7, 8, 9, 10, 11, 12]]  # EOS first, twice
+        + [[5, 6, 7, 8, 9, 10]] * 4  # every completion cut at the limit
+    )
+    reasons = ["stop", "stop", "stop", "length"] + ["length"] * 4
+    rollouts = make_rollouts(tokenizer, completions, reasons, 4)
+    rewards = np.array([1.0, 0.0, 0.5, 0.0, 0.3, 0.3, 0.3, 0.3])  # second group: all equal
+    advantages = group_advantages(rewards, 4)
+    assert np.all(advantages[4:] == 0.0)
+    from mlx_reasoner.trainer import optim
+
+    optimizer = optim.AdamW(learning_rate=make_schedule(config))
+    computer = GradientComputer(model, LossConfig(0.2, None, 0.04, loss_type), 1.0)
+    stats = policy_update(model, optimizer, computer, rollouts, advantages, config)
+    assert not stats.skipped
+    assert all(np.isfinite([stats.loss, stats.kl, stats.clip_fraction, stats.grad_norm]))
+    adapters, _ = split_params(model)
+    assert all(np.all(np.isfinite(v)) for v in adapters.values())
+
+
+def test_all_equal_rewards_give_zero_loss_without_kl(tiny_model):
+    model, tokenizer = tiny_model
+    config = TrainConfig(group_size=4, max_completion_tokens=4, beta=0.0, lora_layers=-1)
+    attach_lora(model, lora_config(-1, 4))
+    rollouts = make_rollouts(tokenizer, [[5, 6], [7], [8, 9, 10], [11, 12, 13, 14]],
+                             ["stop"] * 3 + ["length"], 4)
+    advantages = group_advantages(np.ones(4), 4)
+    from mlx_reasoner.trainer import optim
+
+    optimizer = optim.AdamW(learning_rate=1e-3)
+    computer = GradientComputer(model, LossConfig(beta=0.0), 1.0)
+    stats = policy_update(model, optimizer, computer, rollouts, advantages, config)
+    assert stats.loss == 0.0 and stats.grad_norm == 0.0
+
+
+def test_schedule_warms_up_then_decays():
+    config = TrainConfig(steps=20, warmup_steps=5, learning_rate=1e-3, min_lr_ratio=0.1)
+    schedule = make_schedule(config)
+    values = [float(schedule(mx.array(i))) for i in range(20)]
+    assert values[0] < values[4] <= 1e-3 + 1e-12
+    assert values[5] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(values[5:], values[6:]))
+    assert values[-1] == pytest.approx(1e-4, rel=0.2)
