@@ -85,3 +85,27 @@ def test_hub_failure_says_to_pass_a_local_directory(monkeypatch):
     message = str(info.value)
     assert "local mlx-lm model directory" in message and "--model" in message
     assert "\n" not in message
+
+
+def test_quantized_base_trains_as_qlora(tiny_model):
+    """A quantized model gets LoRA on its quantized linears, and scoring still works."""
+    import mlx.nn as nn
+    import numpy as np
+
+    from mlx_reasoner.loss import completion_logprobs, pack_sequences
+
+    model, _ = tiny_model
+    nn.quantize(model, group_size=32, bits=4)
+    attach_lora(model, lora_config(-1, 4))
+    assert isinstance(model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    perturb_adapters(model)
+    batch = pack_sequences([[1, 2, 3]], [[4, 5]], np.ones(1))
+
+    def total(params):
+        model.update(params)
+        return completion_logprobs(model, batch).sum()
+
+    value, grads = mx.value_and_grad(total)(model.trainable_parameters())
+    assert np.isfinite(value.item())
+    norms = [mx.abs(g).sum().item() for _, g in tree_flatten(grads)]
+    assert all(np.isfinite(norms)) and sum(norms) > 0
