@@ -24,7 +24,7 @@ def group_advantages(
     Returns:
         ``[num_prompts * group_size]`` float32 advantages.
 
-    >>> group_advantages(np.array([1.0, 0.0, 0.5]), 3).round(2).tolist()
+    >>> group_advantages(np.array([1.0, 0.0, 0.5]), 3).astype(np.float64).round(2).tolist()
     [1.22, -1.22, 0.0]
     """
     rewards = np.asarray(rewards, dtype=np.float64)
@@ -35,6 +35,8 @@ def group_advantages(
         )
     grouped = rewards.reshape(-1, group_size)  # [prompts, G]
     centred = grouped - grouped.mean(axis=1, keepdims=True)
+    # Equal rewards must give exact zeros; the float mean of [0.1, 0.1, 0.1] is not 0.1.
+    centred = np.where(np.ptp(grouped, axis=1, keepdims=True) == 0.0, 0.0, centred)
     if scale:
         # Population std (ddof=0): rewards [1, 0, 0.5] give std 0.408.
         centred = centred / (grouped.std(axis=1, keepdims=True) + eps)

@@ -155,12 +155,14 @@ def completion_logprobs(
     """
     hidden = model.model(batch.tokens)  # [B, L, H]
     hidden = mx.take_along_axis(hidden, batch.positions[..., None], axis=1)  # [B, T, H]
+    head_module = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens
     chunk_fn = _chunk_logprobs(output_head(model), temperature)
     pieces = []
     for start in range(0, batch.targets.shape[1], chunk_size):
         targets = batch.targets[:, start : start + chunk_size]
-        # Targets are closed over: mx.checkpoint differentiates all of its arguments.
-        checkpointed = mx.checkpoint(lambda h, t=targets: chunk_fn(h, t))
+        # Targets are closed over (checkpoint differentiates its inputs); the head's weights
+        # are passed through nn.utils.checkpoint so a trainable head still gets gradients.
+        checkpointed = nn.utils.checkpoint(head_module, lambda h, t=targets: chunk_fn(h, t))
         pieces.append(checkpointed(hidden[:, start : start + chunk_size]))
     return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
 
@@ -245,8 +247,15 @@ def grpo_loss(
         ``(loss, sums)``: the scalar loss and additive statistics for logging:
         ``kl_sum``, ``clip_low``, ``clip_high`` (token counts) and ``tokens``.
     """
+    # Zero the padding first: exp() of garbage there could overflow, and inf * 0 is NaN.
+    real = mask > 0
+    logp = mx.where(real, logp, 0.0)
     if old_logp is None:
         old_logp = mx.stop_gradient(logp)
+    else:
+        old_logp = mx.where(real, old_logp, 0.0)
+    if ref_logp is not None:
+        ref_logp = mx.where(real, ref_logp, 0.0)
     epsilon_high = config.epsilon if config.epsilon_high is None else config.epsilon_high
     per_token, ratio = clipped_surrogate(logp, old_logp, advantages, config.epsilon, epsilon_high)
     sums = {"tokens": mask.sum()}

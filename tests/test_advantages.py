@@ -30,11 +30,6 @@ def test_seed_example_matches_hand_numbers():
     assert adv[2] == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the >>> example calls .round(2).tolist() on float32, which prints "
-    "1.2200000286102295, not 1.22 (fix: .astype(np.float64).round(2).tolist())",
-)
 def test_docstring_example_runs():
     result = doctest.testmod(mlx_reasoner.advantages)
     assert result.attempted >= 1
@@ -85,11 +80,6 @@ def test_equal_rewards_give_exact_zeros_not_nan():
     assert adv[6] > 1.2  # the one varied group still carries signal
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: np.mean of [0.1, 0.1, 0.1] is 0.10000000000000002, so the centred rewards are "
-    "~1e-17 and the advantages ~1e-13 instead of exact zeros (fix: zero groups whose ptp is 0)",
-)
 def test_equal_non_dyadic_rewards_give_exact_zeros():
     rewards = np.array([0.1, 0.1, 0.1, 0.7, 0.7, 0.7])
     adv = group_advantages(rewards, 3)
