@@ -8,8 +8,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Dict, Iterable, Optional
 
 import mlx.core as mx
 
@@ -59,7 +59,7 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_save_safetensors(path: Path, arrays: Dict[str, mx.array], metadata=None) -> None:
+def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=None) -> None:
     """``mx.save_safetensors`` through a temporary file and a rename."""
     path = Path(path)
     # mx.save_safetensors insists on the .safetensors suffix.
@@ -75,7 +75,7 @@ def atomic_save_safetensors(path: Path, arrays: Dict[str, mx.array], metadata=No
     _fsync_dir(path.parent)
 
 
-def save_adapters(folder: Path, weights: Dict[str, mx.array], adapter_config: Dict) -> None:
+def save_adapters(folder: Path, weights: dict[str, mx.array], adapter_config: dict) -> None:
     """Write adapters in mlx-lm's layout (``mlx_lm.load(..., adapter_path=folder)`` reads it).
 
     The weights go first: a config without weights would look loadable and fail later.
@@ -85,7 +85,7 @@ def save_adapters(folder: Path, weights: Dict[str, mx.array], adapter_config: Di
     atomic_write_json(folder / ADAPTER_CONFIG, adapter_config)
 
 
-def prepare_run_dir(run_dir: Optional[str], root: str = "runs") -> Path:
+def prepare_run_dir(run_dir: str | None, root: str = "runs") -> Path:
     """Create the run folder (default ``runs/<timestamp>``) and check it can be written.
 
     A folder that already holds a run is refused rather than silently overwritten.

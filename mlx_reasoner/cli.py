@@ -2,8 +2,9 @@
 
 import contextlib
 import dataclasses
+import types
 import typing
-from typing import Iterator
+from collections.abc import Iterator
 
 import click
 
@@ -27,7 +28,7 @@ def user_errors(debug: bool) -> Iterator[None]:
 
 def _click_type(annotation):
     origin = typing.get_origin(annotation)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     if typing.get_origin(annotation) is tuple:
         return typing.get_args(annotation)[0]
@@ -43,16 +44,24 @@ def config_options(cls):
             kind = _click_type(f.type)
             help_text = f.metadata.get("help", "")
             if kind is bool:
-                option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default,
-                                      show_default=True, help=help_text)
+                option = click.option(
+                    f"{flag}/--no-{flag[2:]}",
+                    f.name,
+                    default=f.default,
+                    show_default=True,
+                    help=help_text,
+                )
             elif f.metadata.get("multiple"):
                 option = click.option(flag, f.name, multiple=True, type=kind, help=help_text)
             else:
                 choices = f.metadata.get("choices")
                 option = click.option(
-                    flag, f.name, default=f.default,
+                    flag,
+                    f.name,
+                    default=f.default,
                     type=click.Choice(choices) if choices else kind,
-                    show_default=f.default is not None, help=help_text,
+                    show_default=f.default is not None,
+                    help=help_text,
                 )
             command = option(command)
         return command
@@ -79,8 +88,10 @@ def train(debug: bool, **options) -> None:
 
     with user_errors(debug):
         run_dir = run_train(TrainConfig(**options))
-        click.echo(f"done: adapters in {run_dir} "
-                   f"(try: mlx_lm.generate --model MODEL --adapter-path {run_dir})")
+        click.echo(
+            f"done: adapters in {run_dir} "
+            f"(try: mlx_lm.generate --model MODEL --adapter-path {run_dir})"
+        )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
 
 from .errors import ReasonerError
 from .loss import LOSS_TYPES
@@ -18,12 +17,12 @@ class TrainConfig:
 
     model: str = _opt("Qwen/Qwen2.5-3B-Instruct", "Hub id or local mlx-lm model directory.")
     dataset: str = _opt("openai/gsm8k", "Hub id or local JSONL/JSON/CSV/Parquet file.")
-    dataset_config: Optional[str] = _opt(None, "Hub dataset configuration (GSM8K: main).")
+    dataset_config: str | None = _opt(None, "Hub dataset configuration (GSM8K: main).")
     split: str = _opt("train", "Dataset split to train on.")
     question_field: str = _opt("question", "Field holding the question.")
     answer_field: str = _opt("answer", "Field holding the gold answer ('… #### 42' is parsed).")
     system_prompt: str = _opt("reasoning", "Built-in prompt name (prompts/NAME.txt) or a file.")
-    adapter_path: Optional[str] = _opt(None, "Start from these LoRA adapters (an earlier run).")
+    adapter_path: str | None = _opt(None, "Start from these LoRA adapters (an earlier run).")
     steps: int = _opt(300, "Optimisation steps (each samples a fresh batch of prompts).")
     batch_size: int = _opt(2, "Prompts per step.")
     group_size: int = _opt(8, "Completions sampled per prompt (G >= 2).")
@@ -41,31 +40,39 @@ class TrainConfig:
     lora_layers: int = _opt(16, "LoRA on all linear layers of this many top blocks (-1: all).")
     lora_scale: float = _opt(20.0, "LoRA scale (mlx-lm convention).")
     epsilon: float = _opt(0.2, "Lower clip range of the policy ratio.")
-    epsilon_high: Optional[float] = _opt(None, "Upper clip range (DAPO); default: --epsilon.")
+    epsilon_high: float | None = _opt(None, "Upper clip range (DAPO); default: --epsilon.")
     beta: float = _opt(0.04, "KL weight to the base model (adapters off); 0 skips it.")
     loss_type: str = _opt("grpo", "Loss aggregation.", choices=LOSS_TYPES)
     scale_rewards: bool = _opt(True, "Divide advantages by the group's reward std.")
     num_iterations: int = _opt(1, "Updates per batch of rollouts (mu).")
     micro_batch_size: int = _opt(4, "Completions per forward/backward pass (memory bound).")
-    reward: Tuple[str, ...] = _opt(
+    reward: tuple[str, ...] = _opt(
         (), "Reward NAME[:WEIGHT]; repeatable. Default: the five GSM8K rewards.", multiple=True
     )
-    reward_file: Tuple[str, ...] = _opt(
+    reward_file: tuple[str, ...] = _opt(
         (), "Python file whose public functions are added as rewards; repeatable.", multiple=True
     )
     seed: int = _opt(0, "Random seed (data order, sampling, LoRA init).")
-    run_dir: Optional[str] = _opt(None, "Output folder; default runs/<timestamp>.")
+    run_dir: str | None = _opt(None, "Output folder; default runs/<timestamp>.")
     save_every: int = _opt(50, "Save adapters every N steps (and at the end).")
     sample_every: int = _opt(10, "Show a sample completion every N steps (0: never).")
     compile: bool = _opt(True, "mx.compile the training pass.")
 
     def validate(self) -> "TrainConfig":
         """Reject nonsense before anything expensive happens."""
-        positive = ("steps", "batch_size", "max_completion_tokens", "lora_rank",
-                    "num_iterations", "micro_batch_size")
+        positive = (
+            "steps",
+            "batch_size",
+            "max_completion_tokens",
+            "lora_rank",
+            "num_iterations",
+            "micro_batch_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
-                raise ReasonerError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+                raise ReasonerError(
+                    f"--{_flag(name)} must be at least 1, got {getattr(self, name)}"
+                )
         if self.group_size < 2:
             raise ReasonerError(
                 f"--group-size must be at least 2 (GRPO compares completions within a group), "
@@ -96,7 +103,9 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
 
 def _flag(name: str) -> str:

@@ -6,8 +6,8 @@ the normalising constants come from the whole batch (``Normalizer``), which make
 gradient accumulation exact.
 """
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,7 +21,7 @@ class LossConfig:
     """Hyper-parameters of the GRPO objective."""
 
     epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    epsilon_high: Optional[float] = None  # upper clip (DAPO); None means epsilon
+    epsilon_high: float | None = None  # upper clip (DAPO); None means epsilon
     beta: float = 0.0  # weight of the k3 KL to the reference; 0 skips the reference
     loss_type: str = "grpo"
 
@@ -179,7 +179,7 @@ def clipped_surrogate(
     advantages: mx.array,
     epsilon_low: float,
     epsilon_high: float,
-) -> Tuple[mx.array, mx.array]:
+) -> tuple[mx.array, mx.array]:
     """Per-token PPO-style clipped objective, negated into a loss.
 
     Args:
@@ -213,7 +213,7 @@ def aggregate_dr_grpo(per_token: mx.array, mask: mx.array, norm: Normalizer) -> 
     return (per_token * mask).sum() / (norm.num_completions * norm.max_completion_tokens)
 
 
-AGGREGATORS: Dict[str, Callable[[mx.array, mx.array, Normalizer], mx.array]] = {
+AGGREGATORS: dict[str, Callable[[mx.array, mx.array, Normalizer], mx.array]] = {
     "grpo": aggregate_grpo,
     "bnpo": aggregate_bnpo,
     "dr_grpo": aggregate_dr_grpo,
@@ -222,13 +222,13 @@ AGGREGATORS: Dict[str, Callable[[mx.array, mx.array, Normalizer], mx.array]] = {
 
 def grpo_loss(
     logp: mx.array,
-    old_logp: Optional[mx.array],
-    ref_logp: Optional[mx.array],
+    old_logp: mx.array | None,
+    ref_logp: mx.array | None,
     advantages: mx.array,
     mask: mx.array,
     config: LossConfig,
     normalizer: Normalizer,
-) -> Tuple[mx.array, Dict[str, mx.array]]:
+) -> tuple[mx.array, dict[str, mx.array]]:
     """The GRPO loss for a (micro-)batch.
 
     Args:

@@ -6,8 +6,8 @@ bypassed, so no second copy of the model is ever held in memory.
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
@@ -22,7 +22,7 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
-def load_model(name_or_path: str, adapter_path: Optional[str] = None) -> Tuple[nn.Module, object]:
+def load_model(name_or_path: str, adapter_path: str | None = None) -> tuple[nn.Module, object]:
     """Load a model and tokenizer with ``mlx_lm.load``.
 
     Args:
@@ -50,8 +50,10 @@ def load_model(name_or_path: str, adapter_path: Optional[str] = None) -> Tuple[n
     if adapter_path is not None:
         check_adapter_dir(adapter_path)
     try:
-        return load(str(Path(name_or_path).expanduser()) if local else name_or_path,
-                    adapter_path=adapter_path)
+        return load(
+            str(Path(name_or_path).expanduser()) if local else name_or_path,
+            adapter_path=adapter_path,
+        )
     except Exception as exc:  # mlx-lm/hf-hub raise many types; all mean "cannot load"
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
         if local:
@@ -72,7 +74,9 @@ def check_adapter_dir(adapter_path: str) -> Path:
     return path
 
 
-def lora_config(num_layers: int, rank: int, scale: float = LORA_SCALE, dropout: float = 0.0) -> Dict:
+def lora_config(
+    num_layers: int, rank: int, scale: float = LORA_SCALE, dropout: float = 0.0
+) -> dict:
     """The adapter description mlx-lm stores in ``adapter_config.json``."""
     return {
         "fine_tune_type": "lora",
@@ -81,7 +85,7 @@ def lora_config(num_layers: int, rank: int, scale: float = LORA_SCALE, dropout: 
     }
 
 
-def attach_lora(model: nn.Module, config: Dict) -> int:
+def attach_lora(model: nn.Module, config: dict) -> int:
     """Freeze the base model and add LoRA to every linear layer of the top blocks.
 
     Args:
@@ -123,10 +127,10 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         model.update_modules(tree_unflatten(lora_modules))
 
 
-def adapter_weights(model: nn.Module) -> Dict:
+def adapter_weights(model: nn.Module) -> dict:
     """The trainable (adapter) parameters, by name, as mlx-lm saves them."""
     return dict(tree_flatten(model.trainable_parameters()))
 
 
-def read_adapter_config(adapter_path: str) -> Dict:
+def read_adapter_config(adapter_path: str) -> dict:
     return json.loads((Path(adapter_path) / "adapter_config.json").read_text())

@@ -1,7 +1,6 @@
 """Prompts stage: system prompts from ``prompts/`` and chat-formatted prompt token ids."""
 
 from pathlib import Path
-from typing import List
 
 from .errors import ReasonerError
 from .resources import builtin_dir
@@ -29,7 +28,7 @@ def load_system_prompt(name_or_path: str = DEFAULT_SYSTEM_PROMPT) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def encode_prompt(tokenizer, system_prompt: str, question: str) -> List[int]:
+def encode_prompt(tokenizer, system_prompt: str, question: str) -> list[int]:
     """Token ids of a chat prompt (system + user question), ready for the assistant's turn.
 
     Uses the tokenizer's own chat template, so the model sees the format it was tuned on.

@@ -6,8 +6,8 @@ ids are kept exactly as sampled, so the loss scores the very tokens the policy p
 """
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,10 +18,10 @@ class Rollouts:
     """The completions of one step, grouped: index ``i`` belongs to prompt ``i // group_size``."""
 
     group_size: int
-    prompt_ids: List[List[int]]  # per completion: the prompt it continues
-    completion_ids: List[List[int]]  # as generated, including the stop token if one was emitted
-    finish_reasons: List[str]  # "stop" or "length"
-    texts: List[str]  # decoded completions without the stop token
+    prompt_ids: list[list[int]]  # per completion: the prompt it continues
+    completion_ids: list[list[int]]  # as generated, including the stop token if one was emitted
+    finish_reasons: list[str]  # "stop" or "length"
+    texts: list[str]  # decoded completions without the stop token
     prompt_tokens: int = 0  # prompt tokens prefilled (each prompt once)
     generation_seconds: float = 0.0
     stats: dict = field(default_factory=dict)
@@ -59,7 +59,7 @@ def generate_groups(
     prompts: Sequence[Sequence[int]],
     group_size: int,
     max_tokens: int,
-    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    sampler: Callable[[mx.array], mx.array] | None = None,
     ignore_eos: bool = False,
 ) -> Rollouts:
     """Sample ``group_size`` completions for every prompt in one batched decode.

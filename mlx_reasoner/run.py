@@ -7,7 +7,6 @@ so that a typo fails in milliseconds, not after a multi-gigabyte download.
 import platform
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import mlx.core as mx
 
@@ -16,7 +15,7 @@ from .config import TrainConfig
 from .errors import ReasonerError
 
 
-def _versions() -> Dict[str, str]:
+def _versions() -> dict[str, str]:
     import mlx_lm
 
     from . import __version__
@@ -31,7 +30,7 @@ def _versions() -> Dict[str, str]:
     }
 
 
-def run_train(config: TrainConfig, console=None, live: Optional[bool] = None) -> Path:
+def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Path:
     """Run ``mlx-reasoner train`` end to end and return the run folder.
 
     Raises:
@@ -55,8 +54,11 @@ def run_train(config: TrainConfig, console=None, live: Optional[bool] = None) ->
     created_files = False
     try:
         examples = load_examples(
-            config.dataset, split=config.split, question_field=config.question_field,
-            answer_field=config.answer_field, dataset_config=config.dataset_config,
+            config.dataset,
+            split=config.split,
+            question_field=config.question_field,
+            answer_field=config.answer_field,
+            dataset_config=config.dataset_config,
         )
         model, tokenizer = load_model(config.model)
         mx.random.seed(config.seed)
@@ -68,7 +70,9 @@ def run_train(config: TrainConfig, console=None, live: Optional[bool] = None) ->
             lora = lora_config(config.lora_layers, config.lora_rank, scale=config.lora_scale)
         trainable = attach_lora(model, lora)
         if config.adapter_path is not None:
-            model.load_weights(str(Path(config.adapter_path) / "adapters.safetensors"), strict=False)
+            model.load_weights(
+                str(Path(config.adapter_path) / "adapters.safetensors"), strict=False
+            )
         adapter_config = {**lora, "model": config.model, "trainer": "mlx-reasoner grpo"}
 
         resolved = {
@@ -85,9 +89,9 @@ def run_train(config: TrainConfig, console=None, live: Optional[bool] = None) ->
         created_files = True
         metrics_log = JsonlWriter(run_dir / "metrics.jsonl")
         rollouts_log = JsonlWriter(run_dir / "rollouts.jsonl")
-        done: List[int] = []
+        done: list[int] = []
 
-        def on_step(step: int, metrics: Dict, records: List[Dict]) -> None:
+        def on_step(step: int, metrics: dict, records: list[dict]) -> None:
             metrics_log.write([metrics])
             rollouts_log.write(records)
             done.append(step)
@@ -98,27 +102,40 @@ def run_train(config: TrainConfig, console=None, live: Optional[bool] = None) ->
 
         display = TrainDisplay(config.steps, console=console, live=live)
         with display:
-            display.header({
-                "model": config.model,
-                "dataset": f"{config.dataset} ({len(examples)} examples)",
-                "run dir": str(run_dir),
-                "batch": f"{config.batch_size} prompts x {config.group_size} completions",
-                "LoRA": f"rank {lora['lora_parameters']['rank']} on {lora['num_layers']} blocks "
-                        f"({trainable:,} parameters)",
-                "rewards": ", ".join(f"{r.name}:{r.weight:g}" for r in rewards),
-                "loss": f"{config.loss_type}, beta {config.beta:g}, epsilon {config.epsilon:g}",
-                "device": str(mx.default_device()),
-            })
+            display.header(
+                {
+                    "model": config.model,
+                    "dataset": f"{config.dataset} ({len(examples)} examples)",
+                    "run dir": str(run_dir),
+                    "batch": f"{config.batch_size} prompts x {config.group_size} completions",
+                    "LoRA": f"rank {lora['lora_parameters']['rank']} on {lora['num_layers']} "
+                    f"blocks "
+                    f"({trainable:,} parameters)",
+                    "rewards": ", ".join(f"{r.name}:{r.weight:g}" for r in rewards),
+                    "loss": f"{config.loss_type}, beta {config.beta:g}, epsilon {config.epsilon:g}",
+                    "device": str(mx.default_device()),
+                }
+            )
             try:
-                train(config, model, tokenizer, batch_iterator(examples, config.batch_size, config.seed),
-                      rewards, system_prompt, display, on_step=on_step, on_save=on_save)
+                train(
+                    config,
+                    model,
+                    tokenizer,
+                    batch_iterator(examples, config.batch_size, config.seed),
+                    rewards,
+                    system_prompt,
+                    display,
+                    on_step=on_step,
+                    on_save=on_save,
+                )
             except KeyboardInterrupt:
                 last = done[-1] if done else 0
                 if last:
                     on_save(last)
                 raise ReasonerError(
                     f"interrupted after step {last}; adapters of step {last} are in {run_dir}"
-                    if last else "interrupted before the first step finished"
+                    if last
+                    else "interrupted before the first step finished"
                 ) from None
             finally:
                 metrics_log.close()

@@ -5,8 +5,8 @@ them, turn the scores into group-relative advantages, and update the LoRA adapte
 """
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,7 +16,14 @@ from mlx.utils import tree_map
 
 from .advantages import group_advantages, zero_std_fraction
 from .config import TrainConfig
-from .loss import LossConfig, Normalizer, PackedBatch, completion_logprobs, grpo_loss, pack_sequences
+from .loss import (
+    LossConfig,
+    Normalizer,
+    PackedBatch,
+    completion_logprobs,
+    grpo_loss,
+    pack_sequences,
+)
 from .model import adapters_disabled
 from .rollout import Rollouts, generate_groups
 
@@ -29,24 +36,40 @@ def make_schedule(config: TrainConfig) -> Callable:
     cosine = optim.cosine_decay(peak, max(total - warmup, 1), end=peak * config.min_lr_ratio)
     if warmup <= 0:
         return cosine
-    return optim.join_schedules([optim.linear_schedule(peak / warmup, peak, warmup), cosine], [warmup])
+    return optim.join_schedules(
+        [optim.linear_schedule(peak / warmup, peak, warmup), cosine], [warmup]
+    )
 
 
 class GradientComputer:
     """Loss and gradients of one micro-batch, optionally ``mx.compile``d over the model state."""
 
-    def __init__(self, model: nn.Module, loss_config: LossConfig, temperature: float,
-                 compile: bool = True):
+    def __init__(
+        self, model: nn.Module, loss_config: LossConfig, temperature: float, compile: bool = True
+    ):
         self.model = model
 
-        def loss_fn(model, inputs: Dict[str, mx.array]):
-            batch = PackedBatch(inputs["tokens"], inputs["positions"], inputs["targets"],
-                                inputs["mask"], inputs["advantages"])
+        def loss_fn(model, inputs: dict[str, mx.array]):
+            batch = PackedBatch(
+                inputs["tokens"],
+                inputs["positions"],
+                inputs["targets"],
+                inputs["mask"],
+                inputs["advantages"],
+            )
             logp = completion_logprobs(model, batch, temperature)
-            norm = Normalizer(inputs["num_completions"], inputs["num_tokens"],
-                              inputs["max_completion_tokens"])
-            return grpo_loss(logp, inputs.get("old_logp"), inputs.get("ref_logp"),
-                             batch.advantages, batch.mask, loss_config, norm)
+            norm = Normalizer(
+                inputs["num_completions"], inputs["num_tokens"], inputs["max_completion_tokens"]
+            )
+            return grpo_loss(
+                logp,
+                inputs.get("old_logp"),
+                inputs.get("ref_logp"),
+                batch.advantages,
+                batch.mask,
+                loss_config,
+                norm,
+            )
 
         value_and_grad = nn.value_and_grad(model, loss_fn)
 
@@ -59,8 +82,11 @@ class GradientComputer:
 
     def __call__(self, batch: PackedBatch, norm: Normalizer, old_logp=None, ref_logp=None):
         inputs = {
-            "tokens": batch.tokens, "positions": batch.positions, "targets": batch.targets,
-            "mask": batch.mask, "advantages": batch.advantages,
+            "tokens": batch.tokens,
+            "positions": batch.positions,
+            "targets": batch.targets,
+            "mask": batch.mask,
+            "advantages": batch.advantages,
             # Passed as arrays so a compiled step is not retraced when they change.
             "num_completions": mx.array(norm.num_completions, mx.float32),
             "num_tokens": mx.array(norm.num_tokens, mx.float32),
@@ -82,11 +108,14 @@ class UpdateStats:
     skipped: bool = False
 
 
-def micro_batches(rollouts: Rollouts, advantages: np.ndarray, size: int) -> List[PackedBatch]:
+def micro_batches(rollouts: Rollouts, advantages: np.ndarray, size: int) -> list[PackedBatch]:
     """Pack the step's completions into micro-batches of ``size``, each padded tightly."""
     return [
-        pack_sequences(rollouts.prompt_ids[i : i + size], rollouts.completion_ids[i : i + size],
-                       advantages[i : i + size])
+        pack_sequences(
+            rollouts.prompt_ids[i : i + size],
+            rollouts.completion_ids[i : i + size],
+            advantages[i : i + size],
+        )
         for i in range(0, len(rollouts), size)
     ]
 
@@ -114,7 +143,9 @@ def policy_update(
     computed once, before the first update; gradients accumulate over micro-batches.
     """
     batches = micro_batches(rollouts, advantages, config.micro_batch_size)
-    norm = Normalizer(len(rollouts), max(rollouts.generated_tokens, 1), config.max_completion_tokens)
+    norm = Normalizer(
+        len(rollouts), max(rollouts.generated_tokens, 1), config.max_completion_tokens
+    )
     ref = [None] * len(batches)
     if config.beta > 0:
         with adapters_disabled(model):
@@ -147,11 +178,12 @@ def policy_update(
         kls.append(sums["kl_sum"] / tokens)
         clips.append((sums["clip_low"] + sums["clip_high"]) / tokens)
         norms.append(grad_norm)
-    return UpdateStats(float(np.mean(losses)), float(np.mean(kls)), float(np.mean(clips)),
-                       float(np.mean(norms)))
+    return UpdateStats(
+        float(np.mean(losses)), float(np.mean(kls)), float(np.mean(clips)), float(np.mean(norms))
+    )
 
 
-def _step_metrics(step, rollouts, scores, update, config, times, lr) -> Dict:
+def _step_metrics(step, rollouts, scores, update, config, times, lr) -> dict:
     total = scores.total
     lengths = np.array([len(c) for c in rollouts.completion_ids])
     metrics = {
@@ -179,21 +211,23 @@ def _step_metrics(step, rollouts, scores, update, config, times, lr) -> Dict:
     return metrics
 
 
-def _rollout_records(step, batch, rollouts, scores, advantages) -> List[Dict]:
+def _rollout_records(step, batch, rollouts, scores, advantages) -> list[dict]:
     records = []
     for i, text in enumerate(rollouts.texts):
         example = batch[i // rollouts.group_size]
-        records.append({
-            "step": step,
-            "prompt": example.question,
-            "answer": example.answer,
-            "completion": text,
-            "reward": float(scores.total[i]),
-            "rewards": {name: float(v[i]) for name, v in scores.components.items()},
-            "advantage": float(advantages[i]),
-            "completion_tokens": len(rollouts.completion_ids[i]),
-            "finish_reason": rollouts.finish_reasons[i],
-        })
+        records.append(
+            {
+                "step": step,
+                "prompt": example.question,
+                "answer": example.answer,
+                "completion": text,
+                "reward": float(scores.total[i]),
+                "rewards": {name: float(v[i]) for name, v in scores.components.items()},
+                "advantage": float(advantages[i]),
+                "completion_tokens": len(rollouts.completion_ids[i]),
+                "finish_reason": rollouts.finish_reasons[i],
+            }
+        )
     return records
 
 
@@ -205,9 +239,9 @@ def train(
     rewards,
     system_prompt: str,
     display,
-    on_step: Optional[Callable[[int, Dict, List[Dict]], None]] = None,
-    on_save: Optional[Callable[[int], None]] = None,
-) -> List[Dict]:
+    on_step: Callable[[int, dict, list[dict]], None] | None = None,
+    on_save: Callable[[int], None] | None = None,
+) -> list[dict]:
     """Run ``config.steps`` GRPO steps on LoRA adapters already attached to ``model``.
 
     Args:
@@ -233,8 +267,9 @@ def train(
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
     loss_config = LossConfig(config.epsilon, config.epsilon_high, config.beta, config.loss_type)
     grads = GradientComputer(model, loss_config, config.temperature, compile=config.compile)
-    sampler = make_sampler(config.temperature, top_p=config.top_p, min_p=config.min_p,
-                           top_k=config.top_k)
+    sampler = make_sampler(
+        config.temperature, top_p=config.top_p, min_p=config.min_p, top_k=config.top_k
+    )
     history = []
     for step in range(1, config.steps + 1):
         mx.reset_peak_memory()
@@ -242,8 +277,9 @@ def train(
         display.phase("generating")
         batch = next(batches)
         prompts = [encode_prompt(tokenizer, system_prompt, ex.question) for ex in batch]
-        rollouts = generate_groups(model, tokenizer, prompts, config.group_size,
-                                   config.max_completion_tokens, sampler)
+        rollouts = generate_groups(
+            model, tokenizer, prompts, config.group_size, config.max_completion_tokens, sampler
+        )
         generated = time.perf_counter()
 
         display.phase("scoring")
@@ -274,16 +310,19 @@ def train(
             display.message(f"step {step}: non-finite loss or gradient, update skipped")
         if config.sample_every and (step % config.sample_every == 0 or step == 1):
             best = int(np.argmax(scores.total[: config.group_size]))
-            display.sample({
-                "step": step,
-                "question": batch[0].question,
-                "answer": batch[0].answer,
-                "completion": rollouts.texts[best],
-                "rewards": scores.total[: config.group_size].tolist(),
-                "index": best,
-            })
-        if on_save is not None and (step == config.steps or (
-                config.save_every and step % config.save_every == 0)):
+            display.sample(
+                {
+                    "step": step,
+                    "question": batch[0].question,
+                    "answer": batch[0].answer,
+                    "completion": rollouts.texts[best],
+                    "rewards": scores.total[: config.group_size].tolist(),
+                    "index": best,
+                }
+            )
+        if on_save is not None and (
+            step == config.steps or (config.save_every and step % config.save_every == 0)
+        ):
             display.phase("saving")
             on_save(step)
     return history

@@ -12,9 +12,22 @@ from click.testing import CliRunner
 from mlx_reasoner.cli import main
 
 METRIC_KEYS = {
-    "step", "loss", "reward_mean", "reward_std", "kl", "clip_fraction", "completion_tokens_mean",
-    "tokens_per_s", "peak_memory_gb", "time_generate", "time_score", "time_train",
-    "frac_reward_zero_std", "truncated_fraction", "completion_tokens_max", "learning_rate",
+    "step",
+    "loss",
+    "reward_mean",
+    "reward_std",
+    "kl",
+    "clip_fraction",
+    "completion_tokens_mean",
+    "tokens_per_s",
+    "peak_memory_gb",
+    "time_generate",
+    "time_score",
+    "time_train",
+    "frac_reward_zero_std",
+    "truncated_fraction",
+    "completion_tokens_max",
+    "learning_rate",
 }
 BUILTIN_REWARDS = ["correctness", "integer", "strict_format", "soft_format", "xml_count"]
 
@@ -22,8 +35,10 @@ BUILTIN_REWARDS = ["correctness", "integer", "strict_format", "soft_format", "xm
 @pytest.fixture
 def questions_file(tmp_path):
     path = tmp_path / "questions.jsonl"
-    rows = [{"question": f"What is {i} plus {i}?", "answer": f"Double it.\n#### {2 * i}"}
-            for i in range(6)]
+    rows = [
+        {"question": f"What is {i} plus {i}?", "answer": f"Double it.\n#### {2 * i}"}
+        for i in range(6)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -36,9 +51,28 @@ def run_cli(*args):
 def test_train_writes_a_complete_run_directory(tiny_model_dir, questions_file, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(
-        "--model", tiny_model_dir, "--dataset", questions_file, "--steps", 3, "--batch-size", 2,
-        "--group-size", 3, "--max-completion-tokens", 8, "--lora-layers", 2, "--lora-rank", 4,
-        "--save-every", 2, "--sample-every", 2, "--run-dir", run_dir,
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        questions_file,
+        "--steps",
+        3,
+        "--batch-size",
+        2,
+        "--group-size",
+        3,
+        "--max-completion-tokens",
+        8,
+        "--lora-layers",
+        2,
+        "--lora-rank",
+        4,
+        "--save-every",
+        2,
+        "--sample-every",
+        2,
+        "--run-dir",
+        run_dir,
     )
     assert result.exit_code == 0, result.output
     assert "step 3/3" in result.output and "Question:" in result.output
@@ -68,9 +102,20 @@ def test_train_writes_a_complete_run_directory(tiny_model_dir, questions_file, t
 
     fused = tmp_path / "fused"
     done = subprocess.run(
-        [sys.executable, "-m", "mlx_lm", "fuse", "--model", str(tiny_model_dir),
-         "--adapter-path", str(run_dir), "--save-path", str(fused)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "fuse",
+            "--model",
+            str(tiny_model_dir),
+            "--adapter-path",
+            str(run_dir),
+            "--save-path",
+            str(fused),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     fused_model, _ = mlx_lm.load(str(fused))
@@ -91,8 +136,9 @@ def test_train_writes_a_complete_run_directory(tiny_model_dir, questions_file, t
     ],
 )
 def test_bad_options_fail_with_one_line(tiny_model_dir, questions_file, tmp_path, args, message):
-    result = run_cli("--model", tiny_model_dir, "--dataset", questions_file,
-                     "--run-dir", tmp_path / "run", *args)
+    result = run_cli(
+        "--model", tiny_model_dir, "--dataset", questions_file, "--run-dir", tmp_path / "run", *args
+    )
     assert result.exit_code == 1
     assert message in result.output
     assert "Traceback" not in result.output
@@ -109,16 +155,18 @@ def test_dataset_without_the_fields(tiny_model_dir, tmp_path):
 
 
 def test_missing_model_directory(questions_file, tmp_path):
-    result = run_cli("--model", tmp_path / "nowhere", "--dataset", questions_file,
-                     "--run-dir", tmp_path / "run")
+    result = run_cli(
+        "--model", tmp_path / "nowhere", "--dataset", questions_file, "--run-dir", tmp_path / "run"
+    )
     assert result.exit_code == 1 and "model directory not found" in result.output
 
 
 def test_unwritable_run_directory(tiny_model_dir, questions_file, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    result = run_cli("--model", tiny_model_dir, "--dataset", questions_file,
-                     "--run-dir", blocker / "run")
+    result = run_cli(
+        "--model", tiny_model_dir, "--dataset", questions_file, "--run-dir", blocker / "run"
+    )
     assert result.exit_code == 1 and "cannot write to run directory" in result.output
 
 
@@ -132,6 +180,15 @@ def test_existing_run_is_not_overwritten(tiny_model_dir, questions_file, tmp_pat
 
 
 def test_debug_shows_the_traceback(tiny_model_dir, questions_file, tmp_path):
-    result = run_cli("--model", tiny_model_dir, "--dataset", questions_file, "--group-size", 1,
-                     "--run-dir", tmp_path / "run", "--debug")
+    result = run_cli(
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        questions_file,
+        "--group-size",
+        1,
+        "--run-dir",
+        tmp_path / "run",
+        "--debug",
+    )
     assert result.exit_code == 1 and "Traceback" in result.output

@@ -295,7 +295,7 @@ def test_unreachable_hub_reads_only_the_cache_then_restores_flags(fake_hub, monk
     before = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
     assert load_examples() == EXPECTED
     assert fake_hub[0]["offline"] == (True, True)
-    assert (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE) == before
+    assert before == (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 def test_hub_failure_is_one_actionable_line(monkeypatch):

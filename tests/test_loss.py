@@ -95,7 +95,8 @@ def test_token_kl_is_zero_when_policies_agree():
 
 
 def test_token_kl_matches_k3_on_hand_numbers():
-    # ref - logp = +0.5: e^0.5 - 0.5 - 1 = 0.1487213; ref - logp = -0.5: e^-0.5 + 0.5 - 1 = 0.1065307.
+    # ref - logp = +0.5: e^0.5 - 0.5 - 1 = 0.1487213;
+    # ref - logp = -0.5: e^-0.5 + 0.5 - 1 = 0.1065307.
     logp = mx.array([-1.0, -0.5, -3.0])
     ref = mx.array([-0.5, -1.0, -1.0])
     kl = np.array(token_kl(logp, ref))

@@ -23,8 +23,9 @@ TOKENS = mx.array([[1, 5, 9, 30, 41, 7]])
 def perturb_adapters(model, amount=0.05):
     """LoRA starts as a no-op (lora_b = 0); move it so the adapters change the output."""
     mx.random.seed(1)
-    model.update(tree_map(lambda p: p + amount * mx.random.normal(p.shape),
-                          model.trainable_parameters()))
+    model.update(
+        tree_map(lambda p: p + amount * mx.random.normal(p.shape), model.trainable_parameters())
+    )
 
 
 def test_attach_lora_freezes_base_and_targets_top_blocks(tiny_model):

@@ -230,7 +230,8 @@ def test_load_reward_file_registers_only_public_functions_defined_there(tmp_path
             return [1.0 if len(c) < THRESHOLD else 0.0 for c in completions]
 
         def echo(completions, answers, **kwargs):
-            return [float(normalize_answer(c) == normalize_answer(a)) for c, a in zip(completions, answers)]
+            pairs = zip(completions, answers)
+            return [float(normalize_answer(c) == normalize_answer(a)) for c, a in pairs]
         """,
     )
     functions = load_reward_file(path)

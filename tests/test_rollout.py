@@ -43,8 +43,9 @@ def test_group_of_g_for_one_prompt_stops_at_eos(tiny_model):
     (eos_id,) = eos
     mx.random.seed(3)
     prompt = prompts_for(tokenizer, ["How many r are in strawberry?"])
-    rollouts = generate_groups(model, tokenizer, prompt, group_size=6, max_tokens=12,
-                               sampler=eos_heavy_sampler(eos_id))
+    rollouts = generate_groups(
+        model, tokenizer, prompt, group_size=6, max_tokens=12, sampler=eos_heavy_sampler(eos_id)
+    )
     assert len(rollouts) == 6
     assert rollouts.prompt_ids == [prompt[0]] * 6
     reasons = set(rollouts.finish_reasons)
@@ -104,8 +105,15 @@ def test_ignore_eos_runs_every_completion_to_the_limit(tiny_model):
     (eos_id,) = tokenizer.eos_token_ids
     mx.random.seed(0)
     prompts = prompts_for(tokenizer, ["q?"])
-    rollouts = generate_groups(model, tokenizer, prompts, 4, 8,
-                               sampler=eos_heavy_sampler(eos_id, boost=8.0), ignore_eos=True)
+    rollouts = generate_groups(
+        model,
+        tokenizer,
+        prompts,
+        4,
+        8,
+        sampler=eos_heavy_sampler(eos_id, boost=8.0),
+        ignore_eos=True,
+    )
     assert all(len(ids) == 8 for ids in rollouts.completion_ids)
     assert set(rollouts.finish_reasons) == {"length"}
     assert rollouts.tokens_per_second > 0

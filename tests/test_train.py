@@ -25,7 +25,9 @@ def digit_share(completions, answers, **kwargs):
 
 
 def quiet_display(steps):
-    return TrainDisplay(steps, console=Console(file=io.StringIO(), force_terminal=False), live=False)
+    return TrainDisplay(
+        steps, console=Console(file=io.StringIO(), force_terminal=False), live=False
+    )
 
 
 def split_params(model):
@@ -38,16 +40,29 @@ def split_params(model):
 def test_grpo_raises_a_learnable_reward_and_only_touches_lora(tiny_model):
     model, tokenizer = tiny_model
     config = TrainConfig(
-        steps=30, batch_size=2, group_size=8, max_completion_tokens=12, lora_layers=-1,
-        learning_rate=1e-2, warmup_steps=0, beta=0.04, temperature=1.0, sample_every=0,
+        steps=30,
+        batch_size=2,
+        group_size=8,
+        max_completion_tokens=12,
+        lora_layers=-1,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        beta=0.04,
+        temperature=1.0,
+        sample_every=0,
     ).validate()
     mx.random.seed(0)
     attach_lora(model, lora_config(config.lora_layers, config.lora_rank))
     adapters_before, base_before = split_params(model)
     examples = [Example(f"Say something about {i}.", str(i)) for i in range(16)]
     history = train(
-        config, model, tokenizer, batch_iterator(examples, config.batch_size, seed=0),
-        [WeightedReward("digit_share", digit_share)], "Answer briefly.", quiet_display(30),
+        config,
+        model,
+        tokenizer,
+        batch_iterator(examples, config.batch_size, seed=0),
+        [WeightedReward("digit_share", digit_share)],
+        "Answer briefly.",
+        quiet_display(30),
     )
     rewards = [m["reward_mean"] for m in history]
     start, end = np.mean(rewards[:5]), np.mean(rewards[-5:])
@@ -79,13 +94,19 @@ def test_edge_cases_stay_finite(tiny_model, loss_type, num_iterations):
     """EOS-first (one-token) completions, all-equal groups, and all-truncated groups."""
     model, tokenizer = tiny_model
     (eos,) = tokenizer.eos_token_ids
-    config = TrainConfig(group_size=4, max_completion_tokens=6, beta=0.04, loss_type=loss_type,
-                         num_iterations=num_iterations, micro_batch_size=3, lora_layers=-1)
-    attach_lora(model, lora_config(-1, 4))
-    completions = (
-        [[eos], [eos], [5, eos], [7, 8, 9, 10, 11, 12]]  # EOS first, twice
-        + [[5, 6, 7, 8, 9, 10]] * 4  # every completion cut at the limit
+    config = TrainConfig(
+        group_size=4,
+        max_completion_tokens=6,
+        beta=0.04,
+        loss_type=loss_type,
+        num_iterations=num_iterations,
+        micro_batch_size=3,
+        lora_layers=-1,
     )
+    attach_lora(model, lora_config(-1, 4))
+    completions = [[eos], [eos], [5, eos], [7, 8, 9, 10, 11, 12]] + [  # EOS first, twice
+        [5, 6, 7, 8, 9, 10]
+    ] * 4  # every completion cut at the limit
     reasons = ["stop", "stop", "stop", "length"] + ["length"] * 4
     rollouts = make_rollouts(tokenizer, completions, reasons, 4)
     rewards = np.array([1.0, 0.0, 0.5, 0.0, 0.3, 0.3, 0.3, 0.3])  # second group: all equal
@@ -106,8 +127,9 @@ def test_all_equal_rewards_give_zero_loss_without_kl(tiny_model):
     model, tokenizer = tiny_model
     config = TrainConfig(group_size=4, max_completion_tokens=4, beta=0.0, lora_layers=-1)
     attach_lora(model, lora_config(-1, 4))
-    rollouts = make_rollouts(tokenizer, [[5, 6], [7], [8, 9, 10], [11, 12, 13, 14]],
-                             ["stop"] * 3 + ["length"], 4)
+    rollouts = make_rollouts(
+        tokenizer, [[5, 6], [7], [8, 9, 10], [11, 12, 13, 14]], ["stop"] * 3 + ["length"], 4
+    )
     advantages = group_advantages(np.ones(4), 4)
     from mlx_reasoner.trainer import optim
 
