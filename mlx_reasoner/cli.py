@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import click
 
 from . import __version__
-from .config import TrainConfig
+from .config import EvalConfig, TrainConfig
 from .errors import ReasonerError
 
 
@@ -92,6 +92,21 @@ def train(debug: bool, **options) -> None:
             f"done: adapters in {run_dir} "
             f"(try: mlx_lm.generate --model MODEL --adapter-path {run_dir})"
         )
+
+
+@main.command("eval")
+@config_options(EvalConfig)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def eval_command(debug: bool, **options) -> None:
+    """Measure a model, with or without adapters, on held-out questions.
+
+    Greedy by default; --samples K draws K completions per question and reports pass@K.
+    --compare puts the base model and the adapters side by side on the same questions.
+    """
+    from .run import run_eval
+
+    with user_errors(debug):
+        run_eval(EvalConfig(**options))
 
 
 if __name__ == "__main__":

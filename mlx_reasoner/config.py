@@ -57,6 +57,12 @@ class TrainConfig:
     save_every: int = _opt(50, "Save adapters every N steps (and at the end).")
     sample_every: int = _opt(10, "Show a sample completion every N steps (0: never).")
     compile: bool = _opt(True, "mx.compile the training pass.")
+    eval_every: int = _opt(0, "Evaluate on held-out questions every N steps (0: never).")
+    eval_limit: int = _opt(50, "Held-out questions per evaluation.")
+    eval_split: str = _opt("test", "Held-out split of a hub dataset or built-in task.")
+    eval_fraction: float = _opt(
+        0.1, "Share of a local file held out for --eval-every (never trained on)."
+    )
 
     def validate(self) -> "TrainConfig":
         """Reject nonsense before anything expensive happens."""
@@ -82,7 +88,11 @@ class TrainConfig:
             raise ReasonerError(f"--temperature must be > 0 for sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ReasonerError(f"--top-p must be in (0, 1], got {self.top_p}")
-        for name in ("top_k", "warmup_steps", "save_every", "sample_every"):
+        if self.eval_limit < 1:
+            raise ReasonerError(f"--eval-limit must be at least 1, got {self.eval_limit}")
+        if not 0 < self.eval_fraction < 1:
+            raise ReasonerError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        for name in ("top_k", "warmup_steps", "save_every", "sample_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ReasonerError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("min_p", "min_lr_ratio"):
@@ -110,3 +120,44 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``mlx-reasoner eval`` needs; by default GSM8K's test split, greedy."""
+
+    model: str = _opt("Qwen/Qwen2.5-3B-Instruct", "Hub id or local mlx-lm model directory.")
+    adapter_path: str | None = _opt(None, "LoRA adapters to evaluate (a run folder).")
+    dataset: str = _opt(
+        "openai/gsm8k", "Hub id, task:NAME, or a local JSONL/JSON/CSV/Parquet file."
+    )
+    dataset_config: str | None = _opt(None, "Hub dataset configuration (GSM8K: main).")
+    split: str = _opt("test", "Held-out split (hub datasets and built-in tasks).")
+    question_field: str = _opt("question", "Field holding the question.")
+    answer_field: str = _opt("answer", "Field holding the gold answer ('… #### 42' is parsed).")
+    system_prompt: str = _opt("reasoning", "Built-in prompt name (prompts/NAME.txt) or a file.")
+    limit: int | None = _opt(None, "Evaluate only the first N questions.")
+    max_completion_tokens: int = _opt(256, "Completion length limit in tokens.")
+    samples: int = _opt(1, "Completions per question: 1 is greedy; K > 1 samples for pass@K.")
+    temperature: float = _opt(0.7, "Sampling temperature when --samples > 1.")
+    batch_size: int = _opt(16, "Questions generated together.")
+    seed: int = _opt(0, "Sampling seed (and task generation seed).")
+    output: str | None = _opt(None, "Folder for eval.json and eval_samples.jsonl.")
+    compare: bool = _opt(False, "Also evaluate the base model (adapters off), side by side.")
+
+    def validate(self) -> "EvalConfig":
+        for name in ("max_completion_tokens", "samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ReasonerError(
+                    f"--{_flag(name)} must be at least 1, got {getattr(self, name)}"
+                )
+        if self.limit is not None and self.limit < 1:
+            raise ReasonerError(f"--limit must be at least 1, got {self.limit}")
+        if self.samples > 1 and self.temperature <= 0:
+            raise ReasonerError(f"--temperature must be > 0 for sampling, got {self.temperature}")
+        if self.compare and self.adapter_path is None:
+            raise ReasonerError("--compare needs --adapter-path (base vs adapters)")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

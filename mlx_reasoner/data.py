@@ -1,13 +1,17 @@
-"""The data stage: load question/answer examples and cut them into shuffled, resumable batches.
+"""The data stage: load question/answer examples, hold some out for evaluation, and cut the rest
+into shuffled, resumable batches.
 
-Examples come from a local JSONL/JSON/CSV/Parquet file or a Hugging Face hub dataset (GSM8K by
-default); the gold answer is parsed once here so later stages compare plain strings.
+Examples come from a local JSONL/JSON/CSV/Parquet file, a Hugging Face hub dataset (GSM8K by
+default) or a built-in generated task (``task:NAME``, see :mod:`mlx_reasoner.tasks`); the gold
+answer is parsed once here so later stages compare plain strings. Held-out membership is decided
+by a stable hash of the question, so a question is never on both sides of a split.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import socket
@@ -24,6 +28,10 @@ from .answers import parse_gsm8k_answer
 from .errors import ReasonerError
 
 GSM8K = "openai/gsm8k"
+TASK_PREFIX = "task:"
+# Generated tasks are unlimited; these sizes apply when no limit is given.
+DEFAULT_TASK_TRAIN_SIZE = 5000
+DEFAULT_TASK_TEST_SIZE = 500
 
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _FIELD_HINT = "pass --question-field/--answer-field to name the right columns"
@@ -39,10 +47,12 @@ class Example:
     Attributes:
         question: The problem text shown to the model.
         answer: The gold answer, already parsed (GSM8K ``'... #### 42'`` becomes ``'42'``).
+        reasoning: A worked solution for supervised warm-start, or ``""`` when there is none.
     """
 
     question: str
     answer: str
+    reasoning: str = ""
 
 
 def load_examples(
@@ -53,35 +63,43 @@ def load_examples(
     answer_field: str = "answer",
     dataset_config: str | None = None,
     limit: int | None = None,
+    seed: int = 0,
 ) -> list[Example]:
-    """Load examples from a local file or the Hugging Face hub.
+    """Load examples from a built-in task, a local file or the Hugging Face hub.
 
-    A name ending in .jsonl/.json/.csv/.parquet, or naming an existing file, is read locally;
-    anything else is treated as a hub dataset id.
+    ``task:NAME`` (or ``task:NAME:COUNT``) generates examples of a built-in task; a name ending
+    in .jsonl/.json/.csv/.parquet, or naming an existing file, is read locally; anything else is
+    treated as a hub dataset id.
 
     Args:
-        dataset: A local file path or a hub id such as ``"openai/gsm8k"``.
-        split: The hub split to load; for a JSON object file, the key holding the rows.
+        dataset: ``"task:arithmetic"``, a local file path or a hub id such as ``"openai/gsm8k"``.
+        split: The hub split to load; for a JSON object file, the key holding the rows; for a
+            task, ``"train"`` gives the training questions and any other name the held-out ones.
         question_field: The column holding the question.
         answer_field: The column holding the gold answer (GSM8K style ``#### 42`` is parsed).
         dataset_config: The hub config name; GSM8K defaults to ``"main"``.
-        limit: Keep only the first ``limit`` rows.
+        limit: Keep only the first ``limit`` rows. A task generates ``COUNT`` examples, or
+            ``limit`` when no count is given, or 5000 (train) / 500 (held out); ``limit`` also
+            caps ``COUNT``.
+        seed: Which examples a task generates; ignored by files and the hub.
 
     Returns:
-        The examples, in file order.
+        The examples, in file (or generation) order.
 
     Raises:
-        ReasonerError: The file is missing, unreadable or empty, a row lacks a field, or the
-            hub dataset cannot be loaded.
+        ReasonerError: The file is missing, unreadable or empty, a row lacks a field, the
+            hub dataset cannot be loaded, or the task is unknown.
     """
     if limit is not None and limit < 1:
         raise ReasonerError(f"limit must be at least 1, got {limit}")
+    if dataset.startswith(TASK_PREFIX):
+        return _load_task(dataset, split, limit, seed)
     path = Path(dataset).expanduser()
     if path.is_dir():
         raise ReasonerError(
             f"dataset {dataset} is a directory; pass a .jsonl/.json/.csv/.parquet file inside it"
         )
-    if path.is_file() or path.suffix.lower() in _LOCAL_SUFFIXES:
+    if is_local_dataset(dataset):
         source = str(path)
         rows = _read_local(path, split)
     else:
@@ -96,6 +114,106 @@ def load_examples(
     if not examples:
         raise ReasonerError(f"{source} has no rows; pass a dataset with at least one example")
     return examples
+
+
+def held_out_split(dataset: str) -> str | None:
+    """Name the split to evaluate on, so that evaluation never scores training questions.
+
+    Args:
+        dataset: The dataset string given to :func:`load_examples`.
+
+    Returns:
+        ``"test"`` for a hub dataset (GSM8K has one) or a built-in task (its held-out
+        questions); ``None`` for a local file, which has no second split: cut one with
+        :func:`split_examples` instead.
+    """
+    return None if is_local_dataset(dataset) else "test"
+
+
+def is_local_dataset(dataset: str) -> bool:
+    """Return whether :func:`load_examples` reads ``dataset`` from a local file.
+
+    Args:
+        dataset: The dataset string given to :func:`load_examples`.
+
+    Returns:
+        True for a path that exists or ends in .jsonl/.json/.csv/.parquet; False for a
+        built-in task (``task:...``) or a hub id.
+    """
+    if dataset.startswith(TASK_PREFIX):
+        return False
+    path = Path(dataset).expanduser()
+    return path.exists() or path.suffix.lower() in _LOCAL_SUFFIXES
+
+
+def split_examples(
+    examples: Sequence[Example], heldout_fraction: float, seed: int = 0
+) -> tuple[list[Example], list[Example]]:
+    """Cut examples into training and held-out parts by a stable hash of each question.
+
+    Membership depends only on the question text (case and spacing ignored) and ``seed``, so
+    repeated questions land on the same side, the split survives reordering or adding rows,
+    and every run with the same seed holds out the same questions. The held-out part is
+    about ``heldout_fraction`` of the questions, not exactly: a tiny file may hold out none.
+
+    Args:
+        examples: The examples to split.
+        heldout_fraction: The share to hold out, from 0 (none) up to but excluding 1.
+        seed: Picks a different split; training and evaluation must use the same one.
+
+    Returns:
+        ``(train, heldout)``, each in the original order.
+
+    Raises:
+        ReasonerError: The fraction is out of range, or nothing is left to train on.
+    """
+    if not 0 <= heldout_fraction < 1:
+        raise ReasonerError(
+            f"held-out fraction must be at least 0 and below 1, got {heldout_fraction}"
+        )
+    train: list[Example] = []
+    heldout: list[Example] = []
+    for example in examples:
+        side = heldout if question_hash(example.question, seed) < heldout_fraction else train
+        side.append(example)
+    if examples and not train:
+        raise ReasonerError(
+            f"holding out {heldout_fraction:.0%} of {len(examples)} examples leaves none to "
+            "train on; lower the held-out fraction or add examples"
+        )
+    return train, heldout
+
+
+def normalize_question(question: str) -> str:
+    """Return the question with case and runs of whitespace ignored, for hashing and dedup.
+
+    Args:
+        question: A question as shown to the model.
+
+    Returns:
+        The lower-cased question with whitespace collapsed to single spaces.
+
+    >>> normalize_question("  How many  R's\\nin Strawberry? ")
+    "how many r's in strawberry?"
+    """
+    return " ".join(question.lower().split())
+
+
+def question_hash(question: str, seed: int = 0) -> float:
+    """Map a question to a stable number in [0, 1) that decides which split it belongs to.
+
+    Python's ``hash()`` is salted per process, so SHA-256 of the normalised text is used.
+
+    Args:
+        question: The question text; see :func:`normalize_question`.
+        seed: Salt that gives an independent split.
+
+    Returns:
+        A uniform-looking value in [0, 1), the same on every machine and run.
+    """
+    text = f"{seed}\x00{normalize_question(question)}".encode()
+    digest = hashlib.sha256(text).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def batch_iterator(examples: Sequence[Example], batch_size: int, seed: int) -> BatchSampler:
@@ -208,6 +326,30 @@ class BatchSampler:
         # Seeding from (seed, epoch) lets a resumed run rebuild any epoch without replaying.
         rng = np.random.default_rng([self.seed, epoch])
         return rng.permutation(len(self.examples)).tolist()
+
+
+def _load_task(dataset: str, split: str, limit: int | None, seed: int) -> list[Example]:
+    """Generate a built-in task's examples from ``task:NAME`` or ``task:NAME:COUNT``."""
+    # tasks imports this module for Example, so it is imported here, not at the top.
+    from .tasks import task_examples
+
+    name, _, count_text = dataset[len(TASK_PREFIX) :].partition(":")
+    count = None
+    if count_text:
+        if not count_text.isdigit() or int(count_text) < 1:
+            raise ReasonerError(
+                f"dataset {dataset}: the count after the task name must be a positive whole "
+                f"number, got '{count_text}'; write e.g. task:{name}:1000"
+            )
+        count = int(count_text)
+    task_split = "train" if split == "train" else "test"
+    if count is None:
+        count = limit or (
+            DEFAULT_TASK_TRAIN_SIZE if task_split == "train" else DEFAULT_TASK_TEST_SIZE
+        )
+    elif limit is not None:
+        count = min(count, limit)
+    return task_examples(name, split=task_split, count=count, seed=seed)
 
 
 def _to_example(

@@ -127,6 +127,30 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         model.update_modules(tree_unflatten(lora_modules))
 
 
+def load_adapters(model: nn.Module, adapter_path: str) -> dict:
+    """Attach the LoRA layers an adapter folder describes and load its weights.
+
+    The base stays frozen, so the loaded adapters can be trained further.
+
+    Returns:
+        The adapter's LoRA description (``lora_config`` layout).
+    """
+    from mlx_lm.tuner.utils import load_adapters as mlx_load_adapters
+
+    check_adapter_dir(adapter_path)
+    saved = read_adapter_config(adapter_path)
+    model.freeze()
+    try:
+        mlx_load_adapters(model, adapter_path)
+    except (ValueError, KeyError) as exc:
+        lines = str(exc).strip().splitlines()
+        raise ReasonerError(
+            f"adapters in {adapter_path} do not fit this model "
+            f"(trained on {saved.get('model', 'another model')}?): {lines[-1] if lines else exc}"
+        ) from exc
+    return lora_config(saved["num_layers"], **saved["lora_parameters"])
+
+
 def adapter_weights(model: nn.Module) -> dict:
     """The trainable (adapter) parameters, by name, as mlx-lm saves them."""
     return dict(tree_flatten(model.trainable_parameters()))

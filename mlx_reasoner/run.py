@@ -4,11 +4,13 @@ Inputs are checked in order of cost (options, rewards, prompt, run folder, datas
 so that a typo fails in milliseconds, not after a multi-gigabyte download.
 """
 
+import json
 import platform
 import shutil
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .checkpoints import JsonlWriter, atomic_write_json, prepare_run_dir, save_adapters
 from .config import TrainConfig
@@ -30,14 +32,65 @@ def _versions() -> dict[str, str]:
     }
 
 
+def load_train_and_eval_examples(config: TrainConfig):
+    """The training examples and, with ``--eval-every``, held-out ones that never overlap.
+
+    Hub datasets and built-in tasks have a separate test split; a local file is split by a
+    stable hash of each question, so a question is never on both sides.
+    """
+    from .data import is_local_dataset, load_examples, split_examples
+
+    common = dict(
+        question_field=config.question_field,
+        answer_field=config.answer_field,
+        dataset_config=config.dataset_config,
+        seed=config.seed,
+    )
+    examples = load_examples(config.dataset, split=config.split, **common)
+    if not config.eval_every:
+        return examples, []
+    if is_local_dataset(config.dataset):
+        examples, held_out = split_examples(examples, config.eval_fraction, config.seed)
+        if not examples or not held_out:
+            raise ReasonerError(
+                f"{config.dataset} is too small to hold out --eval-fraction "
+                f"{config.eval_fraction:g} for evaluation; add rows or drop --eval-every"
+            )
+    else:
+        held_out = load_examples(
+            config.dataset, split=config.eval_split, limit=config.eval_limit, **common
+        )
+    return examples, held_out[: config.eval_limit]
+
+
+def setup_model(model_name: str, adapter_path, lora_layers: int, lora_rank: int, lora_scale: float):
+    """Load the base model and attach fresh LoRA layers, or continue from saved adapters.
+
+    Returns:
+        ``(model, tokenizer, lora_description, trainable_parameter_count)``.
+    """
+    from .model import attach_lora, load_adapters, load_model, lora_config
+
+    model, tokenizer = load_model(model_name)
+    if adapter_path is not None:
+        # Continue from earlier adapters (e.g. an SFT run): their shape wins.
+        lora = load_adapters(model, adapter_path)
+        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    else:
+        lora = lora_config(lora_layers, lora_rank, scale=lora_scale)
+        trainable = attach_lora(model, lora)
+    return model, tokenizer, lora, trainable
+
+
 def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Path:
     """Run ``mlx-reasoner train`` end to end and return the run folder.
 
     Raises:
         ReasonerError: for any input problem; the message is one actionable line.
     """
-    from .data import batch_iterator, load_examples
-    from .model import adapter_weights, attach_lora, load_model, lora_config, read_adapter_config
+    from .data import batch_iterator
+    from .evaluate import evaluate
+    from .model import adapter_weights, check_adapter_dir
     from .prompts import load_system_prompt
     from .rewards import resolve_rewards
     from .trainer import train
@@ -47,40 +100,27 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
     rewards = resolve_rewards(config.reward, config.reward_file)
     system_prompt = load_system_prompt(config.system_prompt)
     if config.adapter_path is not None:
-        from .model import check_adapter_dir
-
         check_adapter_dir(config.adapter_path)
     run_dir = prepare_run_dir(config.run_dir)
     created_files = False
     try:
-        examples = load_examples(
-            config.dataset,
-            split=config.split,
-            question_field=config.question_field,
-            answer_field=config.answer_field,
-            dataset_config=config.dataset_config,
-        )
-        model, tokenizer = load_model(config.model)
+        examples, held_out = load_train_and_eval_examples(config)
         mx.random.seed(config.seed)
-        if config.adapter_path is not None:
-            # Continue from earlier adapters (e.g. an SFT run): their shape wins.
-            lora = read_adapter_config(config.adapter_path)
-            lora = lora_config(lora["num_layers"], **lora["lora_parameters"])
-        else:
-            lora = lora_config(config.lora_layers, config.lora_rank, scale=config.lora_scale)
-        trainable = attach_lora(model, lora)
-        if config.adapter_path is not None:
-            model.load_weights(
-                str(Path(config.adapter_path) / "adapters.safetensors"), strict=False
-            )
+        model, tokenizer, lora, trainable = setup_model(
+            config.model,
+            config.adapter_path,
+            config.lora_layers,
+            config.lora_rank,
+            config.lora_scale,
+        )
         adapter_config = {**lora, "model": config.model, "trainer": "mlx-reasoner grpo"}
-
         resolved = {
             **config.to_dict(),
             "run_dir": str(run_dir),
             "rewards": [{"name": r.name, "weight": r.weight} for r in rewards],
             "system_prompt_text": system_prompt,
             "num_examples": len(examples),
+            "num_eval_examples": len(held_out),
             "trainable_parameters": int(trainable),
             "lora": lora,
             "versions": _versions(),
@@ -100,6 +140,17 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
             save_adapters(run_dir, adapter_weights(model), {**adapter_config, "step": step})
             display.message(f"step {step}: adapters saved to {run_dir}")
 
+        def on_eval(step: int) -> dict:
+            result = evaluate(
+                model,
+                tokenizer,
+                held_out,
+                system_prompt,
+                max_tokens=config.max_completion_tokens,
+                seed=config.seed,
+            )
+            return {f"eval/{k}": v for k, v in result.summary.items() if k != "samples"}
+
         display = TrainDisplay(config.steps, console=console, live=live)
         with display:
             display.header(
@@ -109,10 +160,14 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
                     "run dir": str(run_dir),
                     "batch": f"{config.batch_size} prompts x {config.group_size} completions",
                     "LoRA": f"rank {lora['lora_parameters']['rank']} on {lora['num_layers']} "
-                    f"blocks "
-                    f"({trainable:,} parameters)",
+                    f"blocks ({trainable:,} parameters)",
                     "rewards": ", ".join(f"{r.name}:{r.weight:g}" for r in rewards),
                     "loss": f"{config.loss_type}, beta {config.beta:g}, epsilon {config.epsilon:g}",
+                    "eval": (
+                        f"every {config.eval_every} steps on {len(held_out)} held-out " "questions"
+                        if config.eval_every
+                        else "off"
+                    ),
                     "device": str(mx.default_device()),
                 }
             )
@@ -127,6 +182,7 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
                     display,
                     on_step=on_step,
                     on_save=on_save,
+                    on_eval=on_eval if config.eval_every else None,
                 )
             except KeyboardInterrupt:
                 last = done[-1] if done else 0
@@ -144,3 +200,106 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
         if not created_files and run_dir.is_dir() and not any(run_dir.iterdir()):
             shutil.rmtree(run_dir, ignore_errors=True)
     return run_dir
+
+
+def run_eval(config, console=None) -> dict:
+    """Run ``mlx-reasoner eval``: evaluate, print a table, write the outputs.
+
+    Returns:
+        ``{"adapter" or "model": summary, "base": summary (with --compare)}``.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from .checkpoints import atomic_write_text
+    from .data import load_examples
+    from .evaluate import evaluate
+    from .model import adapters_disabled, check_adapter_dir, load_adapters, load_model
+    from .prompts import load_system_prompt
+    from .ui import console as default_console
+    from .ui import eval_table
+
+    console = console or default_console
+    config.validate()
+    system_prompt = load_system_prompt(config.system_prompt)
+    if config.adapter_path is not None:
+        check_adapter_dir(config.adapter_path)
+    output = Path(config.output) if config.output else None
+    if output is not None:
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ReasonerError(f"cannot create output folder {output}: {exc.strerror}") from exc
+    examples = load_examples(
+        config.dataset,
+        split=config.split,
+        question_field=config.question_field,
+        answer_field=config.answer_field,
+        dataset_config=config.dataset_config,
+        limit=config.limit,
+        seed=config.seed,
+    )
+    model, tokenizer = load_model(config.model)
+    if config.adapter_path is not None:
+        load_adapters(model, config.adapter_path)
+
+    runs = []
+    if config.compare:
+        runs.append(("base", adapters_disabled))
+    runs.append(("adapter" if config.adapter_path else "model", None))
+    results = {}
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        for name, context in runs:
+            task = progress.add_task(f"eval {name}", total=len(examples))
+
+            def advance(done, total, task=task):
+                progress.update(task, completed=done)
+
+            def run_once():
+                return evaluate(
+                    model,
+                    tokenizer,
+                    examples,
+                    system_prompt,
+                    max_tokens=config.max_completion_tokens,
+                    samples=config.samples,
+                    temperature=config.temperature,
+                    batch_size=config.batch_size,
+                    seed=config.seed,
+                    progress=advance,
+                )
+
+            if context is None:
+                results[name] = run_once()
+            else:
+                with context(model):
+                    results[name] = run_once()
+
+    console.print(eval_table({name: r.summary for name, r in results.items()}))
+    main_name = runs[-1][0]
+    summary = {
+        **results[main_name].summary,
+        "model": config.model,
+        "adapter_path": config.adapter_path,
+        "dataset": config.dataset,
+        "split": config.split,
+        "config": config.to_dict(),
+    }
+    if "base" in results:
+        summary["base"] = results["base"].summary
+    if output is not None:
+        atomic_write_json(output / "eval.json", summary)
+        lines = [
+            json.dumps({"model": name, **record}, ensure_ascii=False)
+            for name, result in results.items()
+            for record in result.samples
+        ]
+        atomic_write_text(output / "eval_samples.jsonl", "\n".join(lines) + "\n")
+        console.print(f"wrote {output / 'eval.json'} and {output / 'eval_samples.jsonl'}")
+    return {name: r.summary for name, r in results.items()}

@@ -241,6 +241,7 @@ def train(
     display,
     on_step: Callable[[int, dict, list[dict]], None] | None = None,
     on_save: Callable[[int], None] | None = None,
+    on_eval: Callable[[int], dict] | None = None,
 ) -> list[dict]:
     """Run ``config.steps`` GRPO steps on LoRA adapters already attached to ``model``.
 
@@ -254,6 +255,8 @@ def train(
         display: a ``TrainDisplay`` (or anything with phase/update/sample/message).
         on_step: called with ``(step, metrics, rollout_records)`` after every step.
         on_save: called with the step number every ``save_every`` steps and at the end.
+        on_eval: called with the step number every ``eval_every`` steps and at the end; the
+            figures it returns join that step's metrics.
 
     Returns:
         The list of per-step metrics.
@@ -301,6 +304,11 @@ def train(
             "time_step": trained - start,
         }
         metrics = _step_metrics(step, rollouts, scores, update, config, times, lr)
+        if on_eval is not None and (step % config.eval_every == 0 or step == config.steps):
+            display.phase("evaluating")
+            eval_start = time.perf_counter()
+            metrics.update(on_eval(step))
+            metrics["time_eval"] = time.perf_counter() - eval_start
         records = _rollout_records(step, batch, rollouts, scores, advantages)
         history.append(metrics)
         if on_step is not None:

@@ -209,9 +209,19 @@ def metric_rows(metrics: Mapping[str, Any]) -> list[MetricRow]:
         if (seconds := number(key)) is not None:
             timing.append((label, format_seconds(seconds)))
 
+    evaluation: MetricRow = []
+    for key, label, percent in (
+        ("eval/accuracy", "eval accuracy", True),
+        ("eval/strict_format_rate", "strict format", True),
+        ("eval/mean_completion_tokens", "eval len", False),
+        ("eval/step", "at step", False),
+    ):
+        if (value := number(key)) is not None:
+            evaluation.append((label, format_percent(value, 1) if percent else f"{value:.0f}"))
+
     # Many components would make one very wide row; wrap them a few to a row.
     component_rows = [components[i : i + 5] for i in range(0, len(components), 5)]
-    rows = [optim, reward, *component_rows, rollout, timing]
+    rows = [optim, reward, *component_rows, rollout, timing, evaluation]
     return [row for row in rows if row]
 
 
@@ -260,6 +270,7 @@ class TrainDisplay:
 
         self._step = 0
         self._metrics: dict[str, Any] = {}
+        self._last_eval: dict[str, Any] = {}
         self._reward_trend: deque[float] = deque(maxlen=TREND_STEPS)
         # ETA comes from the average step time measured here, so a resumed run's
         # earlier steps (not timed by this process) do not skew it.
@@ -341,7 +352,11 @@ class TrainDisplay:
         step = self._step + 1 if step_value is None else int(step_value)
         self._track_time(step, _as_float(metrics.get("time_step")))
         self._step = step
-        self._metrics = dict(metrics)
+        if any(key.startswith("eval/") for key in metrics):
+            self._last_eval = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+            self._last_eval["eval/step"] = step
+        # The live view keeps showing the latest evaluation between evaluations.
+        self._metrics = {**self._last_eval, **metrics} if self.is_live else dict(metrics)
         if (reward_mean := _as_float(metrics.get("reward_mean"))) is not None:
             self._reward_trend.append(reward_mean)
 
@@ -490,3 +505,24 @@ def _output_console() -> Console:
 
 def _error_console() -> Console:
     return err_console
+
+
+def eval_table(summaries: Mapping[str, Mapping[str, Any]]) -> Table:
+    """Evaluation results, one column per evaluated model (e.g. base vs adapter)."""
+    table = Table(title="evaluation", show_lines=False)
+    table.add_column("metric")
+    for name in summaries:
+        table.add_column(name, justify="right")
+    first = next(iter(summaries.values()))
+    rows = [
+        ("questions", "n", lambda v: f"{v:.0f}"),
+        ("accuracy", "accuracy", lambda v: format_percent(v, 1)),
+        *[(key, key, lambda v: format_percent(v, 1)) for key in first if key.startswith("pass@")],
+        ("strict format", "strict_format_rate", lambda v: format_percent(v, 1)),
+        ("soft format", "soft_format_rate", lambda v: format_percent(v, 1)),
+        ("mean length (tokens)", "mean_completion_tokens", lambda v: f"{v:.1f}"),
+        ("cut at length limit", "truncated_rate", lambda v: format_percent(v, 1)),
+    ]
+    for label, key, fmt in rows:
+        table.add_row(label, *[fmt(s[key]) if key in s else "-" for s in summaries.values()])
+    return table

@@ -1,5 +1,6 @@
 """Tests for mlx_reasoner.data: local files of every format, clear errors, the offline hub
-path, and the seeded, resumable batch order. All offline; files are written to tmp_path."""
+path, built-in tasks, held-out splits, and the seeded, resumable batch order. All offline; files
+are written to tmp_path."""
 
 import csv
 import json
@@ -14,7 +15,16 @@ import pyarrow.parquet
 import pytest
 
 from mlx_reasoner import data
-from mlx_reasoner.data import BatchSampler, Example, batch_iterator, load_examples
+from mlx_reasoner.data import (
+    BatchSampler,
+    Example,
+    batch_iterator,
+    held_out_split,
+    load_examples,
+    normalize_question,
+    question_hash,
+    split_examples,
+)
 from mlx_reasoner.errors import ReasonerError
 
 ROWS = [
@@ -341,6 +351,104 @@ def test_hub_probe(monkeypatch):
 def test_hub_probe_trusts_a_proxy(monkeypatch):
     monkeypatch.setattr(data.urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
     assert data._hub_reachable("https://hub.invalid", timeout=0.1)
+
+
+# --- built-in tasks and held-out splits -------------------------------------------------------
+
+
+def test_example_reasoning_is_optional_and_examples_stay_frozen():
+    example = Example("q", "1")
+    assert example.reasoning == "" and example == Example("q", "1", "")
+    assert Example("q", "1", reasoning="1 = 1") != example
+    with pytest.raises(AttributeError):
+        example.reasoning = "changed"
+
+
+def test_task_dataset_sizes_default_and_follow_count_and_limit():
+    assert len(load_examples("task:arithmetic")) == data.DEFAULT_TASK_TRAIN_SIZE
+    assert len(load_examples("task:letter-count", split="test")) == data.DEFAULT_TASK_TEST_SIZE
+    assert len(load_examples("task:arithmetic:40", limit=25)) == 25
+    assert load_examples("task:arithmetic:40", limit=25) == load_examples("task:arithmetic:25")
+    assert load_examples("task:arithmetic", seed=1, limit=5) != load_examples(
+        "task:arithmetic", seed=2, limit=5
+    )
+
+
+@pytest.mark.parametrize("dataset", ["task:arithmetic:many", "task:arithmetic:0"])
+def test_task_dataset_with_a_bad_count_is_an_error(dataset):
+    with pytest.raises(ReasonerError, match="positive whole number.*task:arithmetic:1000"):
+        load_examples(dataset)
+
+
+def test_task_split_other_than_train_is_the_held_out_one():
+    assert load_examples("task:arithmetic", split="validation", limit=5) == load_examples(
+        "task:arithmetic", split="test", limit=5
+    )
+
+
+def test_held_out_split(tmp_path):
+    assert not data.is_local_dataset("task:arithmetic")
+    assert not data.is_local_dataset("openai/gsm8k")
+    assert data.is_local_dataset(str(tmp_path / "missing.parquet"))
+    assert data.is_local_dataset(str(tmp_path))
+    assert held_out_split("openai/gsm8k") == "test"
+    assert held_out_split("gsm8k") == "test"
+    assert held_out_split("task:letter-count") == "test"
+    assert held_out_split(str(tmp_path / "missing.jsonl")) is None
+    assert held_out_split(str(write_csv(tmp_path / "d.csv", ROWS))) is None
+
+
+def test_question_hash_is_stable_and_ignores_case_and_spacing():
+    assert normalize_question(" How many\n R's?  ") == "how many r's?"
+    value = question_hash("Tom has 3 apples.")
+    assert 0 <= value < 1
+    assert value == question_hash("  tom HAS 3\tapples. ")
+    assert value != question_hash("Tom has 3 apples.", seed=1)
+    # Pinned so that a change to the hash, which would reshuffle every split, is noticed.
+    assert round(value, 6) == 0.911035
+
+
+LOCAL = [Example(f"Question number {i}?", str(i)) for i in range(1000)]
+
+
+def test_split_examples_is_deterministic_and_about_the_fraction():
+    train, heldout = split_examples(LOCAL, 0.2, seed=0)
+    assert (train, heldout) == split_examples(LOCAL, 0.2, seed=0)
+    assert len(train) + len(heldout) == len(LOCAL)
+    assert 150 < len(heldout) < 250
+    assert train == [e for e in LOCAL if e in train]  # original order kept
+    assert split_examples(LOCAL, 0.2, seed=1)[1] != heldout
+    assert split_examples(LOCAL, 0.0)[1] == []
+
+
+def test_split_examples_never_puts_a_question_on_both_sides():
+    # The same question with other answers, case or spacing must land on one side.
+    examples = LOCAL[:300] + [
+        Example(e.question.upper() + "  ", str(int(e.answer) + 1)) for e in LOCAL[:300]
+    ]
+    for seed in range(3):
+        train, heldout = split_examples(examples, 0.3, seed=seed)
+        assert heldout
+        train_questions = {normalize_question(e.question) for e in train}
+        assert not train_questions & {normalize_question(e.question) for e in heldout}
+
+
+def test_split_examples_with_seed_zero_matches_the_task_rule():
+    from mlx_reasoner.tasks import HELDOUT_FRACTION, is_heldout
+
+    _, heldout = split_examples(LOCAL, HELDOUT_FRACTION)
+    assert heldout == [e for e in LOCAL if is_heldout(e.question)]
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.0, 1.5])
+def test_split_examples_rejects_a_bad_fraction(fraction):
+    with pytest.raises(ReasonerError, match="below 1"):
+        split_examples(LOCAL, fraction)
+
+
+def test_split_examples_refuses_to_leave_nothing_to_train_on():
+    with pytest.raises(ReasonerError, match="leaves none to train on"):
+        split_examples(LOCAL[:1], 0.999)
 
 
 # --- batches -----------------------------------------------------------------------------------
