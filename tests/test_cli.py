@@ -192,3 +192,43 @@ def test_debug_shows_the_traceback(tiny_model_dir, questions_file, tmp_path):
         "--debug",
     )
     assert result.exit_code == 1 and "Traceback" in result.output
+
+
+def test_train_on_a_task_with_evaluation_during_training(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "--model", tiny_model_dir, "--dataset", "task:letter-count", "--steps", 2,
+        "--batch-size", 1, "--group-size", 2, "--max-completion-tokens", 4, "--lora-layers", 1,
+        "--eval-every", 1, "--eval-limit", 3, "--run-dir", run_dir,
+    )
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        assert m["eval/n"] == 3
+        assert 0.0 <= m["eval/accuracy"] <= 1.0 and m["eval/truncated_rate"] == 1.0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["num_eval_examples"] == 3
+
+
+def test_local_file_held_out_part_is_never_trained_on(tiny_model_dir, tmp_path):
+    data = tmp_path / "many.jsonl"
+    rows = [{"question": f"Question number {i}?", "answer": str(i)} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "--model", tiny_model_dir, "--dataset", data, "--steps", 6, "--batch-size", 4,
+        "--group-size", 2, "--max-completion-tokens", 2, "--lora-layers", 1,
+        "--eval-every", 3, "--eval-fraction", 0.25, "--run-dir", run_dir,
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((run_dir / "config.json").read_text())
+    trained = {
+        json.loads(line)["prompt"] for line in (run_dir / "rollouts.jsonl").read_text().splitlines()
+    }
+    from mlx_reasoner.data import load_examples, split_examples
+
+    _, held_out = split_examples(load_examples(str(data)), 0.25, 0)
+    assert config["num_eval_examples"] == len(held_out) > 0
+    assert not trained & {ex.question for ex in held_out}
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "eval/accuracy" in m] == [3, 6]
