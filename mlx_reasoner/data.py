@@ -13,6 +13,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import re
 import os
 import socket
 import urllib.parse
@@ -64,6 +65,7 @@ def load_examples(
     dataset_config: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    reasoning_field: str = "reasoning",
 ) -> list[Example]:
     """Load examples from a built-in task, a local file or the Hugging Face hub.
 
@@ -82,6 +84,8 @@ def load_examples(
             ``limit`` when no count is given, or 5000 (train) / 500 (held out); ``limit`` also
             caps ``COUNT``.
         seed: Which examples a task generates; ignored by files and the hub.
+        reasoning_field: The column holding a worked solution, if any (for SFT). Without it,
+            a GSM8K-style answer's text before ``####`` is the worked solution.
 
     Returns:
         The examples, in file (or generation) order.
@@ -94,6 +98,23 @@ def load_examples(
         raise ReasonerError(f"limit must be at least 1, got {limit}")
     if dataset.startswith(TASK_PREFIX):
         return _load_task(dataset, split, limit, seed)
+    rows, source = read_rows(dataset, split=split, dataset_config=dataset_config)
+    examples = []
+    for row_number, row in enumerate(rows, start=1):
+        if limit is not None and row_number > limit:
+            break
+        examples.append(
+            _to_example(row, row_number, source, question_field, answer_field, reasoning_field)
+        )
+    if not examples:
+        raise ReasonerError(f"{source} has no rows; pass a dataset with at least one example")
+    return examples
+
+
+def read_rows(
+    dataset: str, *, split: str = "train", dataset_config: str | None = None
+) -> tuple[Iterable[Any], str]:
+    """Raw rows of a local file or hub dataset, and a name for them in error messages."""
     path = Path(dataset).expanduser()
     if path.is_dir():
         raise ReasonerError(
@@ -105,15 +126,7 @@ def load_examples(
     else:
         source = f"hub dataset '{dataset}'"
         rows = _read_hub(dataset, dataset_config, split)
-
-    examples = []
-    for row_number, row in enumerate(rows, start=1):
-        if limit is not None and row_number > limit:
-            break
-        examples.append(_to_example(row, row_number, source, question_field, answer_field))
-    if not examples:
-        raise ReasonerError(f"{source} has no rows; pass a dataset with at least one example")
-    return examples
+    return rows, source
 
 
 def held_out_split(dataset: str) -> str | None:
@@ -353,7 +366,12 @@ def _load_task(dataset: str, split: str, limit: int | None, seed: int) -> list[E
 
 
 def _to_example(
-    row: Any, row_number: int, source: str, question_field: str, answer_field: str
+    row: Any,
+    row_number: int,
+    source: str,
+    question_field: str,
+    answer_field: str,
+    reasoning_field: str = "reasoning",
 ) -> Example:
     """Check one row and turn it into an Example; ``source`` names the file or hub id."""
     if not isinstance(row, dict):
@@ -376,7 +394,24 @@ def _to_example(
             f"{source}: field '{answer_field}' in row {row_number} has no answer left after "
             "parsing; GSM8K-style answers need a value after '####'"
         )
-    return Example(question=question, answer=gold)
+    reasoning = row.get(reasoning_field)
+    if isinstance(reasoning, str) and reasoning.strip():
+        reasoning = reasoning.strip()
+    else:
+        reasoning = _worked_solution(answer)
+    return Example(question=question, answer=gold, reasoning=reasoning)
+
+
+def _worked_solution(answer_text: str) -> str:
+    """The steps of a GSM8K-style answer (before ``####``), calculator notes removed.
+
+    >>> _worked_solution("She has 2*3=<<2*3=6>>6 apples.\\n#### 6")
+    'She has 2*3=6 apples.'
+    """
+    if "####" not in answer_text:
+        return ""
+    steps = answer_text.rsplit("####", 1)[0]
+    return re.sub(r"<<[^>]*>>", "", steps).strip()
 
 
 def _field_text(value: Any, field: str, row_number: int, source: str, *, numbers: bool) -> str:

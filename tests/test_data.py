@@ -32,8 +32,8 @@ ROWS = [
     {"question": "What is 1,000 + 234?", "answer": "1,000 + 234 = 1,234\n#### 1,234"},
 ]
 EXPECTED = [
-    Example("Tom has 3 apples and buys 4. How many?", "7"),
-    Example("What is 1,000 + 234?", "1234"),
+    Example("Tom has 3 apples and buys 4. How many?", "7", "3 + 4 = 7"),
+    Example("What is 1,000 + 234?", "1234", "1,000 + 234 = 1,234"),
 ]
 
 
@@ -519,3 +519,17 @@ def test_state_from_another_order_is_refused():
 def test_bad_sampler_arguments(examples, batch_size, seed, match):
     with pytest.raises(ReasonerError, match=match):
         BatchSampler(examples, batch_size, seed)
+
+
+def test_reasoning_comes_from_its_field_or_the_gsm8k_steps(tmp_path):
+    path = tmp_path / "traces.jsonl"
+    rows = [
+        {"question": "q1", "answer": "6", "reasoning": "2 * 3 = 6"},
+        {"question": "q2", "answer": "She has 2*3=<<2*3=6>>6.\n#### 6"},
+        {"question": "q3", "answer": "6"},
+        {"question": "q4", "answer": "6", "steps": "custom"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_examples(str(path))
+    assert [e.reasoning for e in loaded] == ["2 * 3 = 6", "She has 2*3=6.", "", ""]
+    assert load_examples(str(path), reasoning_field="steps")[3].reasoning == "custom"
