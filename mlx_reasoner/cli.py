@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import click
 
 from . import __version__
-from .config import EvalConfig, TrainConfig
+from .config import EvalConfig, SFTConfig, TrainConfig
 from .errors import ReasonerError
 
 
@@ -91,6 +91,26 @@ def train(debug: bool, **options) -> None:
         click.echo(
             f"done: adapters in {run_dir} "
             f"(try: mlx_lm.generate --model MODEL --adapter-path {run_dir})"
+        )
+
+
+@main.command()
+@config_options(SFTConfig)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def sft(debug: bool, **options) -> None:
+    """Supervised LoRA fine-tuning on worked solutions (a warm start for GRPO).
+
+    Each example's worked solution and answer are rendered in the reasoning format and the
+    model learns the assistant's tokens. Continue with GRPO:
+    mlx-reasoner train --adapter-path runs/<this run>.
+    """
+    from .run import run_sft
+
+    with user_errors(debug):
+        run_dir = run_sft(SFTConfig(**options))
+        click.echo(
+            f"done: adapters in {run_dir} (continue with GRPO: "
+            f"mlx-reasoner train --adapter-path {run_dir})"
         )
 
 

@@ -72,9 +72,7 @@ class RunConfig:
     seed: int = _opt(0, "Random seed (data order, sampling, LoRA init).", at_least=0)
     run_dir: str | None = _opt(None, "Output folder; default runs/<timestamp>.")
     save_every: int = _opt(50, "Save adapters every N steps (and at the end).", at_least=0)
-    sample_every: int = _opt(
-        10, "Show a sample completion every N steps (0: never).", at_least=0
-    )
+    sample_every: int = _opt(10, "Show a sample completion every N steps (0: never).", at_least=0)
     compile: bool = _opt(True, "mx.compile the training pass.")
     eval_every: int = _opt(
         0, "Evaluate on held-out questions every N steps (0: never).", at_least=0
@@ -82,8 +80,10 @@ class RunConfig:
     eval_limit: int = _opt(50, "Held-out questions per evaluation.", at_least=1)
     eval_split: str = _opt("test", "Held-out split of a hub dataset or built-in task.")
     eval_fraction: float = _opt(
-        0.1, "Share of a local file held out for --eval-every (never trained on).",
-        above=0, below=1,
+        0.1,
+        "Share of a local file held out for --eval-every (never trained on).",
+        above=0,
+        below=1,
     )
 
     def validate(self):
@@ -111,9 +111,7 @@ class TrainConfig(RunConfig):
         0.0, "Drop tokens below min_p x the top probability (0 disables).", at_least=0, at_most=1
     )
     epsilon: float = _opt(0.2, "Lower clip range of the policy ratio.", above=0)
-    epsilon_high: float | None = _opt(
-        None, "Upper clip range (DAPO); default: --epsilon.", above=0
-    )
+    epsilon_high: float | None = _opt(None, "Upper clip range (DAPO); default: --epsilon.", above=0)
     beta: float = _opt(0.04, "KL weight to the base model (adapters off); 0 skips it.", at_least=0)
     loss_type: str = _opt("grpo", "Loss aggregation.", choices=LOSS_TYPES)
     scale_rewards: bool = _opt(True, "Divide advantages by the group's reward std.")

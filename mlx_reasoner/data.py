@@ -13,8 +13,8 @@ import contextlib
 import csv
 import hashlib
 import json
-import re
 import os
+import re
 import socket
 import urllib.parse
 import urllib.request

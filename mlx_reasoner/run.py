@@ -32,7 +32,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def load_train_and_eval_examples(config: TrainConfig):
+def load_train_and_eval_examples(config):
     """The training examples and, with ``--eval-every``, held-out ones that never overlap.
 
     Hub datasets and built-in tasks have a separate test split; a local file is split by a
@@ -83,21 +83,146 @@ def setup_model(model_name: str, adapter_path, lora_layers: int, lora_rank: int,
 
 
 def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Path:
-    """Run ``mlx-reasoner train`` end to end and return the run folder.
+    """Run ``mlx-reasoner train`` (GRPO) end to end and return the run folder.
 
     Raises:
         ReasonerError: for any input problem; the message is one actionable line.
     """
     from .data import batch_iterator
-    from .evaluate import evaluate
-    from .model import adapter_weights, check_adapter_dir
-    from .prompts import load_system_prompt
     from .rewards import resolve_rewards
     from .trainer import train
-    from .ui import TrainDisplay
 
     config.validate()
     rewards = resolve_rewards(config.reward, config.reward_file)
+
+    def fit(run: "TrainingRun") -> None:
+        train(
+            config,
+            run.model,
+            run.tokenizer,
+            batch_iterator(run.examples, config.batch_size, config.seed),
+            rewards,
+            run.system_prompt,
+            run.display,
+            **run.hooks(),
+        )
+
+    return training_run(
+        config,
+        "mlx-reasoner grpo",
+        fit,
+        console,
+        live,
+        resolved={"rewards": [{"name": r.name, "weight": r.weight} for r in rewards]},
+        header={
+            "batch": f"{config.batch_size} prompts x {config.group_size} completions",
+            "rewards": ", ".join(f"{r.name}:{r.weight:g}" for r in rewards),
+            "loss": f"{config.loss_type}, beta {config.beta:g}, epsilon {config.epsilon:g}",
+        },
+    )
+
+
+def run_sft(config, console=None, live: bool | None = None) -> Path:
+    """Run ``mlx-reasoner sft`` end to end and return the run folder."""
+    from .sft import example_sequences, train_sft
+    from .trainer import make_schedule
+
+    config.validate()
+
+    def fit(run: "TrainingRun") -> None:
+        sequences = example_sequences(
+            run.tokenizer, run.system_prompt, run.examples, config.max_seq_tokens
+        )
+        run.display.message(
+            f"{len(sequences)} of {len(run.examples)} examples fit in "
+            f"--max-seq-tokens {config.max_seq_tokens}"
+        )
+        train_sft(
+            config,
+            run.model,
+            run.tokenizer,
+            sequences,
+            run.display,
+            make_schedule(config),
+            **run.hooks(),
+        )
+
+    return training_run(
+        config,
+        "mlx-reasoner sft",
+        fit,
+        console,
+        live,
+        header={"batch": f"{config.batch_size} examples per step"},
+    )
+
+
+class TrainingRun:
+    """What a training command works with: model, data, display, and the run folder's hooks."""
+
+    def __init__(self, config, run_dir: Path, adapter_config: dict, display, **loaded):
+        self.config = config
+        self.run_dir = run_dir
+        self.adapter_config = adapter_config
+        self.display = display
+        self.model = loaded["model"]
+        self.tokenizer = loaded["tokenizer"]
+        self.examples = loaded["examples"]
+        self.held_out = loaded["held_out"]
+        self.system_prompt = loaded["system_prompt"]
+        self.metrics_log = JsonlWriter(run_dir / "metrics.jsonl")
+        self.rollouts_log = JsonlWriter(run_dir / "rollouts.jsonl")
+        self.last_step = 0
+
+    def on_step(self, step: int, metrics: dict, records: list[dict]) -> None:
+        self.metrics_log.write([metrics])
+        if records:
+            self.rollouts_log.write(records)
+        self.last_step = step
+
+    def on_save(self, step: int) -> None:
+        from .model import adapter_weights
+
+        weights = adapter_weights(self.model)
+        save_adapters(self.run_dir, weights, {**self.adapter_config, "step": step})
+        self.display.message(f"step {step}: adapters saved to {self.run_dir}")
+
+    def on_eval(self, step: int) -> dict:
+        from .evaluate import evaluate
+
+        result = evaluate(
+            self.model,
+            self.tokenizer,
+            self.held_out,
+            self.system_prompt,
+            max_tokens=self.config.max_completion_tokens,
+            seed=self.config.seed,
+        )
+        return {f"eval/{k}": v for k, v in result.summary.items() if k != "samples"}
+
+    def hooks(self) -> dict:
+        return {
+            "on_step": self.on_step,
+            "on_save": self.on_save,
+            "on_eval": self.on_eval if self.config.eval_every else None,
+        }
+
+    def close(self) -> None:
+        self.metrics_log.close()
+        self.rollouts_log.close()
+
+
+def training_run(config, trainer: str, fit, console, live, resolved=None, header=None) -> Path:
+    """The run-folder life cycle shared by ``train`` and ``sft``.
+
+    Checks the cheap inputs, creates the folder, loads data and model, writes the resolved
+    ``config.json``, runs ``fit(run)`` under the display, and on Ctrl-C saves the adapters of
+    the last finished step. A run that failed before writing anything leaves no folder.
+    """
+    from .model import check_adapter_dir
+    from .prompts import load_system_prompt
+    from .ui import TrainDisplay
+
     system_prompt = load_system_prompt(config.system_prompt)
     if config.adapter_path is not None:
         check_adapter_dir(config.adapter_path)
@@ -113,56 +238,45 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
             config.lora_rank,
             config.lora_scale,
         )
-        adapter_config = {**lora, "model": config.model, "trainer": "mlx-reasoner grpo"}
-        resolved = {
-            **config.to_dict(),
-            "run_dir": str(run_dir),
-            "rewards": [{"name": r.name, "weight": r.weight} for r in rewards],
-            "system_prompt_text": system_prompt,
-            "num_examples": len(examples),
-            "num_eval_examples": len(held_out),
-            "trainable_parameters": int(trainable),
-            "lora": lora,
-            "versions": _versions(),
-        }
-        atomic_write_json(run_dir / "config.json", resolved)
+        atomic_write_json(
+            run_dir / "config.json",
+            {
+                **config.to_dict(),
+                **(resolved or {}),
+                "command": trainer,
+                "run_dir": str(run_dir),
+                "system_prompt_text": system_prompt,
+                "num_examples": len(examples),
+                "num_eval_examples": len(held_out),
+                "trainable_parameters": int(trainable),
+                "lora": lora,
+                "versions": _versions(),
+            },
+        )
         created_files = True
-        metrics_log = JsonlWriter(run_dir / "metrics.jsonl")
-        rollouts_log = JsonlWriter(run_dir / "rollouts.jsonl")
-        done: list[int] = []
-
-        def on_step(step: int, metrics: dict, records: list[dict]) -> None:
-            metrics_log.write([metrics])
-            rollouts_log.write(records)
-            done.append(step)
-
-        def on_save(step: int) -> None:
-            save_adapters(run_dir, adapter_weights(model), {**adapter_config, "step": step})
-            display.message(f"step {step}: adapters saved to {run_dir}")
-
-        def on_eval(step: int) -> dict:
-            result = evaluate(
-                model,
-                tokenizer,
-                held_out,
-                system_prompt,
-                max_tokens=config.max_completion_tokens,
-                seed=config.seed,
-            )
-            return {f"eval/{k}": v for k, v in result.summary.items() if k != "samples"}
-
-        display = TrainDisplay(config.steps, console=console, live=live)
+        display = TrainDisplay(
+            config.steps, title=trainer.replace(" grpo", " train"), console=console, live=live
+        )
+        run = TrainingRun(
+            config,
+            run_dir,
+            {**lora, "model": config.model, "trainer": trainer},
+            display,
+            model=model,
+            tokenizer=tokenizer,
+            examples=examples,
+            held_out=held_out,
+            system_prompt=system_prompt,
+        )
         with display:
             display.header(
                 {
                     "model": config.model,
                     "dataset": f"{config.dataset} ({len(examples)} examples)",
                     "run dir": str(run_dir),
-                    "batch": f"{config.batch_size} prompts x {config.group_size} completions",
+                    **(header or {}),
                     "LoRA": f"rank {lora['lora_parameters']['rank']} on {lora['num_layers']} "
                     f"blocks ({trainable:,} parameters)",
-                    "rewards": ", ".join(f"{r.name}:{r.weight:g}" for r in rewards),
-                    "loss": f"{config.loss_type}, beta {config.beta:g}, epsilon {config.epsilon:g}",
                     "eval": (
                         f"every {config.eval_every} steps on {len(held_out)} held-out " "questions"
                         if config.eval_every
@@ -172,30 +286,18 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
                 }
             )
             try:
-                train(
-                    config,
-                    model,
-                    tokenizer,
-                    batch_iterator(examples, config.batch_size, config.seed),
-                    rewards,
-                    system_prompt,
-                    display,
-                    on_step=on_step,
-                    on_save=on_save,
-                    on_eval=on_eval if config.eval_every else None,
-                )
+                fit(run)
             except KeyboardInterrupt:
-                last = done[-1] if done else 0
+                last = run.last_step
                 if last:
-                    on_save(last)
+                    run.on_save(last)
                 raise ReasonerError(
                     f"interrupted after step {last}; adapters of step {last} are in {run_dir}"
                     if last
                     else "interrupted before the first step finished"
                 ) from None
             finally:
-                metrics_log.close()
-                rollouts_log.close()
+                run.close()
     finally:
         if not created_files and run_dir.is_dir() and not any(run_dir.iterdir()):
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -28,10 +28,15 @@ from .model import adapters_disabled
 from .rollout import Rollouts, generate_groups
 
 
-def make_schedule(config: TrainConfig) -> Callable:
-    """Linear warm-up to the peak rate, then cosine decay to ``min_lr_ratio`` of it."""
-    total = config.steps * config.num_iterations
-    warmup = min(config.warmup_steps * config.num_iterations, total - 1)
+def make_schedule(config, updates_per_step: int = 1) -> Callable:
+    """Linear warm-up to the peak rate, then cosine decay to ``min_lr_ratio`` of it.
+
+    Args:
+        config: a ``RunConfig`` (steps, warm-up, peak rate, final ratio).
+        updates_per_step: optimizer updates per step (GRPO's ``num_iterations``).
+    """
+    total = config.steps * updates_per_step
+    warmup = min(config.warmup_steps * updates_per_step, total - 1)
     peak = config.learning_rate
     cosine = optim.cosine_decay(peak, max(total - warmup, 1), end=peak * config.min_lr_ratio)
     if warmup <= 0:
@@ -183,6 +188,28 @@ def policy_update(
     )
 
 
+def is_due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action (save, evaluate) runs after ``step``: every N and at the end."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+def run_eval_hook(on_eval, step: int, config, display, metrics: dict) -> None:
+    """Evaluate when due and merge the figures (and the time it took) into ``metrics``."""
+    if on_eval is None or not is_due(step, config.eval_every, config.steps):
+        return
+    display.phase("evaluating")
+    start = time.perf_counter()
+    metrics.update(on_eval(step))
+    metrics["time_eval"] = time.perf_counter() - start
+
+
+def run_save_hook(on_save, step: int, config, display) -> None:
+    """Save the adapters when due."""
+    if on_save is not None and is_due(step, config.save_every, config.steps):
+        display.phase("saving")
+        on_save(step)
+
+
 def _step_metrics(step, rollouts, scores, update, config, times, lr) -> dict:
     total = scores.total
     lengths = np.array([len(c) for c in rollouts.completion_ids])
@@ -266,7 +293,7 @@ def train(
     from .prompts import encode_prompt
     from .rewards import score_completions
 
-    schedule = make_schedule(config)
+    schedule = make_schedule(config, config.num_iterations)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
     loss_config = LossConfig(config.epsilon, config.epsilon_high, config.beta, config.loss_type)
     grads = GradientComputer(model, loss_config, config.temperature, compile=config.compile)
@@ -304,11 +331,7 @@ def train(
             "time_step": trained - start,
         }
         metrics = _step_metrics(step, rollouts, scores, update, config, times, lr)
-        if on_eval is not None and (step % config.eval_every == 0 or step == config.steps):
-            display.phase("evaluating")
-            eval_start = time.perf_counter()
-            metrics.update(on_eval(step))
-            metrics["time_eval"] = time.perf_counter() - eval_start
+        run_eval_hook(on_eval, step, config, display, metrics)
         records = _rollout_records(step, batch, rollouts, scores, advantages)
         history.append(metrics)
         if on_step is not None:
@@ -328,9 +351,5 @@ def train(
                     "index": best,
                 }
             )
-        if on_save is not None and (
-            step == config.steps or (config.save_every and step % config.save_every == 0)
-        ):
-            display.phase("saving")
-            on_save(step)
+        run_save_hook(on_save, step, config, display)
     return history

@@ -196,6 +196,8 @@ def metric_rows(metrics: Mapping[str, Any]) -> list[MetricRow]:
         rollout.append(("trunc", format_percent(truncated)))
     if (tokens_per_s := number("tokens_per_s")) is not None:
         rollout.append(("rollout", f"{tokens_per_s:.0f} tok/s"))
+    if (train_tokens_per_s := number("train_tokens_per_s")) is not None:
+        rollout.append(("throughput", f"{train_tokens_per_s:.0f} tok/s"))
     if (memory := number("peak_memory_gb")) is not None:
         rollout.append(("mem", f"{memory:.2f} GB"))
 

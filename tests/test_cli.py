@@ -197,9 +197,26 @@ def test_debug_shows_the_traceback(tiny_model_dir, questions_file, tmp_path):
 def test_train_on_a_task_with_evaluation_during_training(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(
-        "--model", tiny_model_dir, "--dataset", "task:letter-count", "--steps", 2,
-        "--batch-size", 1, "--group-size", 2, "--max-completion-tokens", 4, "--lora-layers", 1,
-        "--eval-every", 1, "--eval-limit", 3, "--run-dir", run_dir,
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        "task:letter-count",
+        "--steps",
+        2,
+        "--batch-size",
+        1,
+        "--group-size",
+        2,
+        "--max-completion-tokens",
+        4,
+        "--lora-layers",
+        1,
+        "--eval-every",
+        1,
+        "--eval-limit",
+        3,
+        "--run-dir",
+        run_dir,
     )
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -216,9 +233,26 @@ def test_local_file_held_out_part_is_never_trained_on(tiny_model_dir, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_dir = tmp_path / "run"
     result = run_cli(
-        "--model", tiny_model_dir, "--dataset", data, "--steps", 6, "--batch-size", 4,
-        "--group-size", 2, "--max-completion-tokens", 2, "--lora-layers", 1,
-        "--eval-every", 3, "--eval-fraction", 0.25, "--run-dir", run_dir,
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        data,
+        "--steps",
+        6,
+        "--batch-size",
+        4,
+        "--group-size",
+        2,
+        "--max-completion-tokens",
+        2,
+        "--lora-layers",
+        1,
+        "--eval-every",
+        3,
+        "--eval-fraction",
+        0.25,
+        "--run-dir",
+        run_dir,
     )
     assert result.exit_code == 0, result.output
     config = json.loads((run_dir / "config.json").read_text())

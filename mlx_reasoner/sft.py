@@ -1,0 +1,181 @@
+"""SFT stage: LoRA supervised fine-tuning on worked solutions, a warm start for GRPO.
+
+Each example becomes the chat prompt followed by the assistant's answer rendered in the
+XML reasoning format; the loss is the mean negative log-likelihood of the assistant's tokens
+only (the prompt is context, never a target). It shares the GRPO loop's pieces: the same
+packing and chunked log-probabilities, schedule, LoRA layers, run folder and display.
+"""
+
+import time
+from collections.abc import Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+
+from .data import BatchSampler, Example
+from .errors import ReasonerError
+from .loss import PackedBatch, completion_logprobs, pack_sequences
+from .prompts import encode_prompt
+from .trainer import run_eval_hook, run_save_hook
+
+Sequences = list[tuple[list[int], list[int]]]  # (prompt ids, assistant ids) per example
+
+
+def render_completion(reasoning: str, answer: str) -> str:
+    """The assistant's text in the format the reasoning prompt asks for.
+
+    >>> render_completion("2 + 2 = 4", "4")
+    '<reasoning>\\n2 + 2 = 4\\n</reasoning>\\n<answer>\\n4\\n</answer>\\n'
+    """
+    return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
+
+
+def _apply_template(tokenizer, messages, **kwargs) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def chat_sequence(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+    """Split a conversation into the prompt and its final assistant turn, as token ids.
+
+    The assistant turn keeps the template's end-of-turn token, so the model learns to stop;
+    anything the template adds after it (such as a newline) is dropped.
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ReasonerError("each chat example must end with an assistant message")
+    prompt = _apply_template(tokenizer, messages[:-1], add_generation_prompt=True)
+    full = _apply_template(tokenizer, messages)
+    if full[: len(prompt)] == prompt:
+        answer = full[len(prompt) :]
+    else:  # the template merged tokens across the boundary: encode the turn on its own
+        answer = list(tokenizer.encode(messages[-1]["content"], add_special_tokens=False))
+    eos = set(tokenizer.eos_token_ids)
+    stop = next((i for i, t in enumerate(answer) if t in eos), None)
+    answer = answer[: stop + 1] if stop is not None else answer + [min(eos)]
+    return prompt, answer
+
+
+def example_sequences(
+    tokenizer, system_prompt: str, examples: Sequence[Example], max_tokens: int
+) -> Sequences:
+    """Token ids of each example as (prompt, assistant answer), dropping over-long ones.
+
+    Raises:
+        ReasonerError: when examples have no worked solution, or none fits ``max_tokens``.
+    """
+    missing = sum(1 for ex in examples if not ex.reasoning)
+    if missing:
+        raise ReasonerError(
+            f"{missing} of {len(examples)} examples have no worked solution to learn from; "
+            "give a reasoning column (--reasoning-field), GSM8K-style '#### ' answers, "
+            "or a built-in task such as task:letter-count"
+        )
+    sequences = []
+    for ex in examples:
+        messages = [{"role": "user", "content": ex.question}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        if getattr(tokenizer, "chat_template", None):
+            messages.append(
+                {"role": "assistant", "content": render_completion(ex.reasoning, ex.answer)}
+            )
+            prompt, answer = chat_sequence(tokenizer, messages)
+        else:
+            prompt = encode_prompt(tokenizer, system_prompt, ex.question)
+            text = render_completion(ex.reasoning, ex.answer)
+            answer = list(tokenizer.encode(text)) + [min(tokenizer.eos_token_ids)]
+        if len(prompt) + len(answer) <= max_tokens:
+            sequences.append((prompt, answer))
+    if not sequences:
+        raise ReasonerError(f"every example is longer than --max-seq-tokens {max_tokens}")
+    return sequences
+
+
+def nll_loss(model: nn.Module, batch: PackedBatch) -> tuple[mx.array, mx.array]:
+    """Mean negative log-likelihood of the assistant tokens; returns (loss, token count)."""
+    logp = completion_logprobs(model, batch)
+    tokens = batch.mask.sum()
+    return -(logp * batch.mask).sum() / mx.maximum(tokens, 1.0), tokens
+
+
+def train_sft(
+    config,
+    model: nn.Module,
+    tokenizer,
+    sequences: Sequences,
+    display,
+    schedule: Callable,
+    on_step: Callable[[int, dict, list[dict]], None] | None = None,
+    on_save: Callable[[int], None] | None = None,
+    on_eval: Callable[[int], dict] | None = None,
+) -> list[dict]:
+    """Fine-tune the LoRA adapters on ``sequences`` for ``config.steps`` steps.
+
+    Args:
+        config: an ``SFTConfig`` (steps, batch size, clipping, cadences).
+        model: policy with LoRA layers attached (base frozen).
+        sequences: (prompt ids, assistant ids) pairs from ``example_sequences``.
+        display: the training display.
+        schedule: learning-rate schedule.
+        on_step, on_save, on_eval: the same hooks as the GRPO trainer's.
+
+    Returns:
+        Per-step metrics.
+    """
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+    loss_and_grad = nn.value_and_grad(model, nll_loss)
+    order = BatchSampler(list(range(len(sequences))), config.batch_size, config.seed)
+    history = []
+    for step in range(1, config.steps + 1):
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        display.phase("training")
+        picked = [sequences[i] for i in next(order)]
+        batch = pack_sequences(
+            [p for p, _ in picked], [a for _, a in picked], np.zeros(len(picked))
+        )
+        lr = float(schedule(optimizer.state.get("step", mx.array(0))))
+        (loss, tokens), grads = loss_and_grad(model, batch)
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
+        mx.eval(loss, tokens, grad_norm)
+        skipped = not (np.isfinite(loss.item()) and np.isfinite(grad_norm.item()))
+        if not skipped:
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state)
+        elapsed = time.perf_counter() - start
+        metrics = {
+            "step": step,
+            "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "learning_rate": lr,
+            "skipped_update": skipped,
+            "train_tokens": int(tokens.item()),
+            "train_tokens_per_s": float(sum(len(p) + len(a) for p, a in picked) / elapsed),
+            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "time_train": elapsed,
+            "time_step": elapsed,
+        }
+        run_eval_hook(on_eval, step, config, display, metrics)
+        history.append(metrics)
+        if on_step is not None:
+            on_step(step, metrics, [])
+        display.update(metrics)
+        if skipped:
+            display.message(f"step {step}: non-finite loss or gradient, update skipped")
+        if config.sample_every and step % config.sample_every == 0:
+            prompt, answer = picked[0]
+            display.sample(
+                {
+                    "step": step,
+                    "question": tokenizer.decode(prompt),
+                    "answer": "",
+                    "completion": tokenizer.decode(answer),
+                    "rewards": [],
+                    "index": 0,
+                }
+            )
+        run_save_hook(on_save, step, config, display)
+    return history
