@@ -129,5 +129,55 @@ def eval_command(debug: bool, **options) -> None:
         run_eval(EvalConfig(**options))
 
 
+@main.command("strawberry-test")
+@click.option(
+    "--model",
+    default="Qwen/Qwen2.5-3B-Instruct",
+    show_default=True,
+    help="Hub id or local mlx-lm model directory.",
+)
+@click.option("--adapter-path", default=None, help="Trained adapters (a run folder) to compare.")
+@click.option(
+    "--system-prompt",
+    default="reasoning",
+    show_default=True,
+    help="Built-in prompt name (prompts/NAME.txt) or a file.",
+)
+@click.option(
+    "--max-completion-tokens",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Completion length limit in tokens.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON result instead of panels.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def strawberry_test(model, adapter_path, system_prompt, max_completion_tokens, as_json, debug):
+    """Ask "How many R's are in strawberry?" and 7 variants, before and after training.
+
+    Greedy answers of the base model and (with --adapter-path) the trained model, side by side.
+    """
+    import json
+
+    from .demo import run_strawberry_test, score_line
+    from .ui import console, strawberry_view
+
+    with user_errors(debug):
+        results = run_strawberry_test(model, adapter_path, system_prompt, max_completion_tokens)
+        if as_json:
+            payload = {
+                name: {
+                    "score": sum(r["correct"] for r in records),
+                    "total": len(records),
+                    "results": records,
+                }
+                for name, records in results.items()
+            }
+            click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+            return
+        console.print(strawberry_view(results))
+        console.print(f"[bold]score:[/bold] {score_line(results)}")
+
+
 if __name__ == "__main__":
     main()

@@ -528,3 +528,41 @@ def eval_table(summaries: Mapping[str, Mapping[str, Any]]) -> Table:
     for label, key, fmt in rows:
         table.add_row(label, *[fmt(s[key]) if key in s else "-" for s in summaries.values()])
     return table
+
+
+def _reasoning_part(completion: str) -> str:
+    """The text inside <reasoning>…</reasoning>, or the whole completion without tags."""
+    start, end = completion.find("<reasoning>"), completion.find("</reasoning>")
+    if start != -1 and end > start:
+        return completion[start + len("<reasoning>") : end].strip()
+    return completion.strip()
+
+
+def strawberry_view(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> Group:
+    """Each question with every model's reasoning, extracted answer and verdict side by side."""
+    names = list(results)
+    first = results[names[0]]
+    blocks: list[RenderableType] = []
+    for i, record in enumerate(first):
+        table = Table.grid(expand=True, padding=(0, 1))
+        for _ in names:
+            table.add_column(ratio=1)
+        panels = []
+        for name in names:
+            r = results[name][i]
+            mark = Text("✓", style="bold green") if r["correct"] else Text("✗", style="bold red")
+            reasoning, _ = shorten(_reasoning_part(r["completion"]), 600)
+            body = Group(
+                Text(reasoning or "(no reasoning)", style="dim"),
+                Text.assemble(("answer: ", "bold"), (r["extracted"] or "(none)"), "  ", mark),
+            )
+            panels.append(Panel(body, title=name, border_style="green" if r["correct"] else "red"))
+        table.add_row(*panels)
+        title = Text.assemble(
+            (f"Q{i + 1}. ", "bold"),
+            record["question"],
+            "  ",
+            (f"(gold: {record['answer']})", "cyan"),
+        )
+        blocks.extend([title, table])
+    return Group(*blocks)

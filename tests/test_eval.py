@@ -105,24 +105,6 @@ def eval_file(tmp_path):
     return path
 
 
-@pytest.fixture
-def adapter_dir(tiny_model, tiny_model_dir, tmp_path):
-    import mlx.core as mx
-    from mlx.utils import tree_map
-
-    model, _ = tiny_model
-    config = lora_config(2, 4)
-    attach_lora(model, config)
-    mx.random.seed(0)
-    model.update(
-        tree_map(lambda p: p + 0.3 * mx.random.normal(p.shape), model.trainable_parameters())
-    )
-    folder = tmp_path / "adapters"
-    folder.mkdir()
-    save_adapters(folder, adapter_weights(model), {**config, "model": str(tiny_model_dir)})
-    return folder
-
-
 def test_eval_cli_writes_summary_and_samples(tiny_model_dir, eval_file, tmp_path):
     out = tmp_path / "eval"
     result = CliRunner().invoke(
@@ -153,7 +135,7 @@ def test_eval_cli_writes_summary_and_samples(tiny_model_dir, eval_file, tmp_path
     assert [x["answer"] for x in lines] == ["0", "2", "4", "6"]
 
 
-def test_eval_compare_base_and_adapter(tiny_model_dir, eval_file, adapter_dir, tmp_path):
+def test_eval_compare_base_and_adapter(tiny_model_dir, eval_file, eval_adapter, tmp_path):
     out = tmp_path / "eval"
     result = CliRunner().invoke(
         main,
@@ -162,7 +144,7 @@ def test_eval_compare_base_and_adapter(tiny_model_dir, eval_file, adapter_dir, t
             "--model",
             str(tiny_model_dir),
             "--adapter-path",
-            str(adapter_dir),
+            str(eval_adapter),
             "--dataset",
             str(eval_file),
             "--max-completion-tokens",
@@ -178,7 +160,7 @@ def test_eval_compare_base_and_adapter(tiny_model_dir, eval_file, adapter_dir, t
     assert "base" in result.output and "adapter" in result.output
     summary = json.loads((out / "eval.json").read_text())
     assert "pass@2" in summary and "pass@2" in summary["base"]
-    assert summary["adapter_path"] == str(adapter_dir)
+    assert summary["adapter_path"] == str(eval_adapter)
     lines = [json.loads(x) for x in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert len(lines) == 2 * 5 * 2
     base = [x["completion"] for x in lines if x["model"] == "base"]
