@@ -27,7 +27,7 @@ REFERENCE_NAME = "reference (bundled with mlx)"
 ACCELERATE_NAME = "accelerate (macOS)"
 MLX_IMPORTED_FIRST = "mlx.core was imported before mlx_reasoner"
 
-_OFF_VALUES = {"0", "false", "off", "no"}
+OFF_VALUES = {"0", "false", "off", "no"}
 _CMEEL_LIB = Path("cmeel.prefix") / "lib"
 _LIBRARY_NAMES = ("libopenblas.so.0", "libopenblas.so")
 
@@ -137,7 +137,7 @@ def _decide() -> BlasInfo:
     if not sys.platform.startswith("linux"):
         return BlasInfo(REFERENCE_NAME, reason=f"no fast BLAS loader for {sys.platform}")
     setting = os.environ.get(ENV_VAR, "")
-    if setting.strip().lower() in _OFF_VALUES:
+    if setting.strip().lower() in OFF_VALUES:
         return BlasInfo(REFERENCE_NAME, reason=f"disabled by {ENV_VAR}={setting}")
 
     preloaded = _preloaded_openblas()

@@ -4,9 +4,16 @@ The strawberry test asks the same letter-counting questions of the base model an
 model with trained adapters, greedily, and shows both answers side by side.
 """
 
+import dataclasses
+import shutil
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+from .checkpoints import atomic_write_json
 from .data import Example
+from .errors import ReasonerError
 from .evaluate import evaluate
 from .tasks import letter_count_example
 
@@ -22,6 +29,7 @@ STRAWBERRY_SUITE = (
     ("committee", "t", 0),
     ("bookkeeper", "e", 2),
 )
+DEMO_MARKER = ".mlx-reasoner-demo"
 
 
 def strawberry_questions() -> list[Example]:
@@ -74,3 +82,201 @@ def run_strawberry_test(
     with adapters_disabled(model):
         base = ask(model, tokenizer, system_prompt, questions, max_tokens)
     return {"base": base, "trained": ask(model, tokenizer, system_prompt, questions, max_tokens)}
+
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """Everything the offline demo does, sized to finish in minutes on a laptop CPU."""
+
+    task: str = "task:letter-count"
+    # The tiny model built from scratch.
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 256
+    # Supervised warm start on the task's worked traces.
+    sft_steps: int = 150
+    sft_batch_size: int = 16
+    sft_learning_rate: float = 3e-3
+    # GRPO.
+    grpo_steps: int = 60
+    grpo_batch_size: int = 4
+    group_size: int = 8
+    grpo_learning_rate: float = 1e-3
+    temperature: float = 1.0
+    beta: float = 0.0
+    rewards: tuple[str, ...] = ("correctness", "strict_format")
+    max_completion_tokens: int = 48
+    lora_rank: int = 16
+    # Held-out evaluation.
+    eval_limit: int = 200
+    expected_minutes: float = 4.0
+
+
+QUICK_RECIPE_OVERRIDES = {"sft_steps": 40, "grpo_steps": 10, "eval_limit": 40}
+
+
+def _summary_path(run_dir: Path) -> Path:
+    return run_dir / "summary.json"
+
+
+def prepare_demo_dir(run_dir: Path) -> None:
+    """Start from an empty folder; an earlier demo's folder is replaced, anything else kept."""
+    marker = run_dir / DEMO_MARKER
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not marker.exists():
+            raise ReasonerError(
+                f"{run_dir} exists and is not a demo folder; pass another --run-dir"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by mlx-reasoner demo; the next demo run replaces this folder\n")
+
+
+def run_demo(
+    run_dir: str = "runs/demo",
+    seed: int = 0,
+    recipe: DemoRecipe | None = None,
+    console=None,
+    live: bool | None = None,
+) -> dict:
+    """Build a tiny model, SFT it, evaluate, GRPO it, evaluate again, show before/after.
+
+    Returns:
+        The summary written to ``<run_dir>/summary.json``.
+    """
+    from .config import SFTConfig, TrainConfig
+    from .data import load_examples
+    from .model import load_adapters, load_model
+    from .prompts import load_system_prompt
+    from .run import run_sft, run_train
+    from .tiny import build_tiny_model
+    from .ui import console as default_console
+    from .ui import eval_table, strawberry_view
+
+    recipe = recipe or DemoRecipe()
+    console = console or default_console
+    root = Path(run_dir)
+    prepare_demo_dir(root)
+    start = time.perf_counter()
+    console.print(
+        f"[bold]mlx-reasoner demo[/bold]: a tiny model learns {recipe.task} from scratch, "
+        "offline.\n"
+        f"Budget: about {recipe.expected_minutes:g} minutes on 2 CPU cores "
+        f"(SFT {recipe.sft_steps} steps, GRPO {recipe.grpo_steps} steps, "
+        f"{recipe.eval_limit} held-out questions). Results in {root}/."
+    )
+    timings = {}
+    tic = time.perf_counter()
+    model_dir = build_tiny_model(
+        root / "model",
+        vocab_size=recipe.vocab_size,
+        hidden_size=recipe.hidden_size,
+        num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_key_value_heads,
+        intermediate_size=recipe.intermediate_size,
+        seed=seed,
+    )
+    timings["build_seconds"] = time.perf_counter() - tic
+    common = dict(
+        model=str(model_dir),
+        dataset=recipe.task,
+        seed=seed,
+        lora_layers=-1,
+        max_completion_tokens=recipe.max_completion_tokens,
+        save_every=0,
+    )
+
+    console.rule("1. supervised warm start on worked traces")
+    tic = time.perf_counter()
+    sft_dir = run_sft(
+        SFTConfig(
+            **common,
+            steps=recipe.sft_steps,
+            batch_size=recipe.sft_batch_size,
+            learning_rate=recipe.sft_learning_rate,
+            lora_rank=recipe.lora_rank,
+            warmup_steps=5,
+            run_dir=str(root / "sft"),
+        ),
+        console=console,
+        live=live,
+    )
+    timings["sft_seconds"] = time.perf_counter() - tic
+
+    console.rule("2. GRPO from the SFT adapters")
+    tic = time.perf_counter()
+    grpo_dir = run_train(
+        TrainConfig(
+            **common,
+            adapter_path=str(sft_dir),
+            steps=recipe.grpo_steps,
+            batch_size=recipe.grpo_batch_size,
+            group_size=recipe.group_size,
+            learning_rate=recipe.grpo_learning_rate,
+            temperature=recipe.temperature,
+            beta=recipe.beta,
+            reward=recipe.rewards,
+            warmup_steps=0,
+            micro_batch_size=recipe.grpo_batch_size * recipe.group_size,
+            sample_every=max(recipe.grpo_steps // 3, 1),
+            run_dir=str(root / "grpo"),
+        ),
+        console=console,
+        live=live,
+    )
+    timings["grpo_seconds"] = time.perf_counter() - tic
+
+    console.rule("3. held-out evaluation: after SFT vs after GRPO")
+    tic = time.perf_counter()
+    system_prompt = load_system_prompt("reasoning")
+    held_out = load_examples(recipe.task, split="test", limit=recipe.eval_limit, seed=seed)
+    results, showcase = {}, {}
+    for name, adapters in (("after SFT", sft_dir), ("after GRPO", grpo_dir)):
+        model, tokenizer = load_model(str(model_dir))
+        load_adapters(model, str(adapters))
+        results[name] = evaluate(
+            model,
+            tokenizer,
+            held_out,
+            system_prompt,
+            max_tokens=recipe.max_completion_tokens,
+            batch_size=64,
+            seed=seed,
+        )
+        showcase[name] = ask(
+            model, tokenizer, system_prompt, strawberry_questions(), recipe.max_completion_tokens
+        )
+    timings["eval_seconds"] = time.perf_counter() - tic
+    console.print(eval_table({name: r.summary for name, r in results.items()}))
+    console.rule("4. the strawberry test, before and after GRPO")
+    console.print(strawberry_view(showcase))
+    console.print(f"[bold]score:[/bold] {score_line(showcase)}")
+
+    after_sft, after_grpo = results["after SFT"].summary, results["after GRPO"].summary
+    summary = {
+        "task": recipe.task,
+        "seed": seed,
+        "held_out_questions": len(held_out),
+        "accuracy_after_sft": after_sft["accuracy"],
+        "accuracy_after_grpo": after_grpo["accuracy"],
+        "format_rate_after_sft": after_sft["strict_format_rate"],
+        "format_rate_after_grpo": after_grpo["strict_format_rate"],
+        "strawberry_after_sft": sum(r["correct"] for r in showcase["after SFT"]),
+        "strawberry_after_grpo": sum(r["correct"] for r in showcase["after GRPO"]),
+        "seconds": time.perf_counter() - start,
+        **timings,
+        "recipe": dataclasses.asdict(recipe),
+        "runs": {"model": str(model_dir), "sft": str(sft_dir), "grpo": str(grpo_dir)},
+    }
+    atomic_write_json(_summary_path(root), summary)
+    console.print(
+        f"held-out accuracy: {after_sft['accuracy']:.1%} after SFT -> "
+        f"{after_grpo['accuracy']:.1%} after GRPO; strict format "
+        f"{after_grpo['strict_format_rate']:.1%}; {summary['seconds']:.0f} s in all. "
+        f"Summary: {_summary_path(root)}"
+    )
+    return summary

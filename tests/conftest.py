@@ -1,5 +1,7 @@
 """Shared pytest fixtures: a tiny random Qwen2 model directory, built once per session, offline."""
 
+import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+
 from pathlib import Path
 
 import mlx.core as mx
