@@ -106,6 +106,15 @@ def blas_info() -> BlasInfo:
     return enable_fast_blas()
 
 
+def describe() -> str:
+    """One line for logs: the BLAS in use, or why fast BLAS is off."""
+    info = blas_info()
+    if info.enabled:
+        threads = f", OpenBLAS threads: {info.threads}" if info.threads else ""
+        return f"BLAS: {info.name}{threads}"
+    return f"BLAS: {info.name} (fast BLAS off: {info.reason})"
+
+
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     """Time an ``n x n`` float32 matmul on MLX's CPU stream; median of ``repeats`` after a warm-up.
 
@@ -294,12 +303,3 @@ def _explain_load_error(error: OSError) -> str:
     if "cannot open shared object file" in message:
         return "not installed (e.g. apt-get install libopenblas0)"
     return message
-
-
-def describe() -> str:
-    """One line for logs: the BLAS in use, or why fast BLAS is off."""
-    info = blas_info()
-    if info.enabled:
-        threads = f", {info.threads} threads" if info.threads else ""
-        return f"BLAS: {info.name}{threads}"
-    return f"BLAS: {info.name} (fast BLAS off: {info.reason})"

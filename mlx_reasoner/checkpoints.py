@@ -6,6 +6,7 @@ over the old one, so a crash leaves either the previous file or the new one, nev
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable
@@ -17,6 +18,9 @@ from .errors import ReasonerError
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINT_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -85,14 +89,26 @@ def save_adapters(folder: Path, weights: dict[str, mx.array], adapter_config: di
     atomic_write_json(folder / ADAPTER_CONFIG, adapter_config)
 
 
-def prepare_run_dir(run_dir: str | None, root: str = "runs") -> Path:
+def holds_run(path: Path) -> bool:
+    """Whether a folder already holds a training run's results."""
+    path = Path(path)
+    return any((path / name).exists() for name in ("metrics.jsonl", ADAPTER_FILE, CHECKPOINT_DIR))
+
+
+def prepare_run_dir(run_dir: str | None, root: str = "runs", overwrite: bool = False) -> Path:
     """Create the run folder (default ``runs/<timestamp>``) and check it can be written.
 
-    A folder that already holds a run is refused rather than silently overwritten.
+    A folder that already holds a run is never silently reused: it is refused unless
+    ``overwrite`` is set, in which case the old run is deleted first.
     """
     path = Path(run_dir) if run_dir else Path(root) / time.strftime("%Y%m%d-%H%M%S")
-    if (path / "metrics.jsonl").exists() or (path / ADAPTER_FILE).exists():
-        raise ReasonerError(f"{path} already holds a run; pick a new --run-dir")
+    if holds_run(path):
+        if not overwrite:
+            raise ReasonerError(
+                f"{path} already holds a run; continue it with --resume {path}, "
+                "pick a new --run-dir, or pass --overwrite to replace it"
+            )
+        shutil.rmtree(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
@@ -117,3 +133,89 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder only gets its final name when complete)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step_*") if (p / TRAINER_STATE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = _checkpoint_dirs(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    adapters: dict[str, mx.array],
+    adapter_config: dict,
+    optimizer_state: dict[str, mx.array],
+    trainer_state: dict,
+    keep: int,
+) -> Path:
+    """Write everything needed to continue a run exactly, as ``checkpoints/step_NNNNNNN``.
+
+    The files go into a hidden temporary folder that is renamed into place only when all
+    of them are on disk, so a crash at any moment leaves the previous checkpoint intact.
+    The oldest checkpoints beyond ``keep`` are removed afterwards.
+    """
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_adapters(tmp, adapters, adapter_config)
+        atomic_save_safetensors(tmp / OPTIMIZER_FILE, optimizer_state)
+        atomic_write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})  # last: marker
+        if final.exists():  # the same step saved twice (e.g. a stop right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(root)
+    for old in _checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """Read a checkpoint: ``(adapter weights, optimizer state, trainer state)``."""
+    path = Path(path)
+    try:
+        adapters = mx.load(str(path / ADAPTER_FILE))
+        optimizer_state = mx.load(str(path / OPTIMIZER_FILE))
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ReasonerError(
+            f"checkpoint {path} cannot be read ({exc}); delete it to use the " "one before"
+        ) from exc
+    return adapters, optimizer_state, state
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records after ``last_step`` (steps a resumed run will redo), atomically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if record.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))

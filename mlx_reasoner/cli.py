@@ -2,9 +2,11 @@
 
 import contextlib
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 
@@ -21,9 +23,9 @@ def user_errors(debug: bool) -> Iterator[None]:
     try:
         yield
     except ReasonerError as exc:
-        on_error(str(exc), debug)
+        on_error(str(exc), debug, exit_code=exc.exit_code)
     except KeyboardInterrupt:
-        on_error("interrupted", debug)
+        on_error("interrupted", debug, exit_code=130)
 
 
 def _click_type(annotation):
@@ -75,10 +77,64 @@ def main() -> None:
     """Turn a chat LLM into a reasoning model with GRPO + LoRA on MLX."""
 
 
+def resolve_config(cls, options: dict, config_file: str | None):
+    """Defaults < config file < the run being resumed < flags given on the command line."""
+    from click.core import ParameterSource
+
+    from .config import load_config_file
+
+    ctx = click.get_current_context()
+    values = {}
+    if config_file:
+        values.update(load_config_file(config_file, cls))
+    resume = options.get("resume") or values.get("resume")
+    if resume:
+        saved = Path(resume) / "config.json"
+        if not saved.is_file():
+            raise ReasonerError(f"{resume} is not a run folder (no config.json) to resume")
+        known = {f.name for f in dataclasses.fields(cls)}
+        stored = json.loads(saved.read_text())
+        values.update(
+            {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known}
+        )
+        values["resume"] = resume
+    for name, value in options.items():
+        if name not in values or ctx.get_parameter_source(name) in (
+            ParameterSource.COMMANDLINE,
+            ParameterSource.ENVIRONMENT,
+        ):
+            values[name] = value
+    return cls(**values)
+
+
+def show_config(config) -> None:
+    import yaml
+
+    click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+
+
+def training_command(cls):
+    """The options every training command shares besides its config fields."""
+
+    def decorate(command):
+        command = click.option("--debug", is_flag=True, help="Show full tracebacks.")(command)
+        command = click.option(
+            "--print-config", is_flag=True, help="Print the resolved configuration and exit."
+        )(command)
+        command = click.option(
+            "--config",
+            "config_file",
+            type=click.Path(dir_okay=False),
+            help="YAML or TOML file of options; flags on the command line win.",
+        )(command)
+        return config_options(cls)(command)
+
+    return decorate
+
+
 @main.command()
-@config_options(TrainConfig)
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def train(debug: bool, **options) -> None:
+@training_command(TrainConfig)
+def train(debug: bool, print_config: bool, config_file: str | None, **options) -> None:
     """Train LoRA adapters with GRPO (default: Qwen2.5-3B-Instruct on GSM8K).
 
     Each step samples --batch-size questions, generates --group-size completions for each,
@@ -87,7 +143,10 @@ def train(debug: bool, **options) -> None:
     from .run import run_train
 
     with user_errors(debug):
-        run_dir = run_train(TrainConfig(**options))
+        config = resolve_config(TrainConfig, options, config_file).validate()
+        if print_config:
+            return show_config(config)
+        run_dir = run_train(config)
         click.echo(
             f"done: adapters in {run_dir} "
             f"(try: mlx_lm.generate --model MODEL --adapter-path {run_dir})"
@@ -95,9 +154,8 @@ def train(debug: bool, **options) -> None:
 
 
 @main.command()
-@config_options(SFTConfig)
-@click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def sft(debug: bool, **options) -> None:
+@training_command(SFTConfig)
+def sft(debug: bool, print_config: bool, config_file: str | None, **options) -> None:
     """Supervised LoRA fine-tuning on worked solutions (a warm start for GRPO).
 
     Each example's worked solution and answer are rendered in the reasoning format and the
@@ -107,7 +165,10 @@ def sft(debug: bool, **options) -> None:
     from .run import run_sft
 
     with user_errors(debug):
-        run_dir = run_sft(SFTConfig(**options))
+        config = resolve_config(SFTConfig, options, config_file).validate()
+        if print_config:
+            return show_config(config)
+        run_dir = run_sft(config)
         click.echo(
             f"done: adapters in {run_dir} (continue with GRPO: "
             f"mlx-reasoner train --adapter-path {run_dir})"

@@ -5,7 +5,16 @@ checks them all and names the offending ``--flag``, before anything expensive ha
 """
 
 import dataclasses
+import difflib
+import sys
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 from .errors import ReasonerError
 from .loss import LOSS_TYPES
@@ -79,6 +88,12 @@ class RunConfig:
     )
     eval_limit: int = _opt(50, "Held-out questions per evaluation.", at_least=1)
     eval_split: str = _opt("test", "Held-out split of a hub dataset or built-in task.")
+    max_bad_steps: int = _opt(
+        5, "Stop after this many steps in a row with a non-finite loss or gradient.", at_least=1
+    )
+    keep_checkpoints: int = _opt(3, "Resumable checkpoints kept in the run folder.", at_least=1)
+    resume: str | None = _opt(None, "Continue the run in this folder from its newest checkpoint.")
+    overwrite: bool = _opt(False, "Replace an existing run in --run-dir.")
     eval_fraction: float = _opt(
         0.1,
         "Share of a local file held out for --eval-every (never trained on).",
@@ -186,3 +201,89 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _base_type(annotation):
+    """``int | None`` -> (int, True); ``tuple[str, ...]`` -> (tuple, False); ``int`` -> (int, False)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = type(None) in typing.get_args(annotation)
+    if optional and len(args) == 1:
+        annotation = args[0]
+    origin = typing.get_origin(annotation)
+    return (origin or annotation), optional
+
+
+def coerce_value(cls, name: str, value, source: str):
+    """Check one value from a config file against the field's type; return it normalised."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ReasonerError(f"{source}: unknown option '{name}'{hint}")
+    kind, optional = _base_type(fields[name].type)
+    if value is None and optional:
+        return None
+    wrong = ReasonerError(
+        f"{source}: option '{name}' must be {_KIND_NAMES.get(kind, kind.__name__)}, "
+        f"got {value!r}"
+    )
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise wrong
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        value = float(value)
+    elif kind is tuple:
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise wrong
+        value = tuple(value)
+    elif kind is str and not isinstance(value, str):
+        raise wrong
+    choices = fields[name].metadata.get("choices")
+    if choices and value not in choices:
+        raise ReasonerError(f"{source}: option '{name}' must be one of {', '.join(choices)}")
+    return value
+
+
+_KIND_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    tuple: "a list of strings",
+}
+
+
+def load_config_file(path: str, cls) -> dict:
+    """Options from a YAML or TOML file (flat ``name: value`` pairs, dashes or underscores).
+
+    Raises:
+        ReasonerError: for a missing or unparsable file, an unknown key or a wrong type.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ReasonerError(f"config file not found: {path}")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # yaml and tomllib raise their own error types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReasonerError(f"{path} is not valid {file.suffix[1:] or 'YAML'}: {first}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ReasonerError(f"{path} must hold 'option: value' pairs, not a {type(data).__name__}")
+    return {
+        key.replace("-", "_"): coerce_value(cls, key.replace("-", "_"), value, str(path))
+        for key, value in data.items()
+    }

@@ -7,6 +7,8 @@ so that a typo fails in milliseconds, not after a multi-gigabyte download.
 import json
 import platform
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -63,8 +65,15 @@ def load_train_and_eval_examples(config):
     return examples, held_out[: config.eval_limit]
 
 
-def setup_model(model_name: str, adapter_path, lora_layers: int, lora_rank: int, lora_scale: float):
-    """Load the base model and attach fresh LoRA layers, or continue from saved adapters.
+def setup_model(
+    model_name: str,
+    adapter_path,
+    lora_layers: int,
+    lora_rank: int,
+    lora_scale: float,
+    saved_lora: dict | None = None,
+):
+    """Load the base model and attach LoRA: fresh, from saved adapters, or a saved layout.
 
     Returns:
         ``(model, tokenizer, lora_description, trainable_parameter_count)``.
@@ -77,8 +86,8 @@ def setup_model(model_name: str, adapter_path, lora_layers: int, lora_rank: int,
         lora = load_adapters(model, adapter_path)
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     else:
-        lora = lora_config(lora_layers, lora_rank, scale=lora_scale)
-        trainable = attach_lora(model, lora)
+        lora = saved_lora or lora_config(lora_layers, lora_rank, scale=lora_scale)
+        trainable = attach_lora(model, dict(lora))
     return model, tokenizer, lora, trainable
 
 
@@ -90,21 +99,25 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
     """
     from .data import batch_iterator
     from .rewards import resolve_rewards
-    from .trainer import train
+    from .trainer import make_optimizer, train
 
     config.validate()
     rewards = resolve_rewards(config.reward, config.reward_file)
 
     def fit(run: "TrainingRun") -> None:
+        run.sampler = batch_iterator(run.examples, config.batch_size, config.seed)
+        run.optimizer = make_optimizer(config, config.num_iterations)
+        hooks = run.restore()
         train(
             config,
             run.model,
             run.tokenizer,
-            batch_iterator(run.examples, config.batch_size, config.seed),
+            run.sampler,
             rewards,
             run.system_prompt,
             run.display,
-            **run.hooks(),
+            run.optimizer,
+            hooks,
         )
 
     return training_run(
@@ -124,8 +137,9 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
 
 def run_sft(config, console=None, live: bool | None = None) -> Path:
     """Run ``mlx-reasoner sft`` end to end and return the run folder."""
+    from .data import BatchSampler
     from .sft import example_sequences, train_sft
-    from .trainer import make_schedule
+    from .trainer import make_optimizer
 
     config.validate()
 
@@ -137,14 +151,18 @@ def run_sft(config, console=None, live: bool | None = None) -> Path:
             f"{len(sequences)} of {len(run.examples)} examples fit in "
             f"--max-seq-tokens {config.max_seq_tokens}"
         )
+        run.sampler = BatchSampler(list(range(len(sequences))), config.batch_size, config.seed)
+        run.optimizer = make_optimizer(config)
+        hooks = run.restore()
         train_sft(
             config,
             run.model,
             run.tokenizer,
             sequences,
             run.display,
-            make_schedule(config),
-            **run.hooks(),
+            run.sampler,
+            run.optimizer,
+            hooks,
         )
 
     return training_run(
@@ -157,8 +175,43 @@ def run_sft(config, console=None, live: bool | None = None) -> Path:
     )
 
 
+class StopSignals:
+    """Turn the first Ctrl-C / SIGTERM into a request to stop after the current step.
+
+    A second signal interrupts at once (KeyboardInterrupt); files are written atomically, so
+    the last complete checkpoint survives either way.
+    """
+
+    def __init__(self, display):
+        self.display = display
+        self.received: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        self.display.message(
+            f"{self.received}: finishing this step and saving a checkpoint "
+            "(press Ctrl-C again to quit at once)"
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def reason(self) -> str | None:
+        return f"stopped by {self.received}" if self.received else None
+
+
 class TrainingRun:
-    """What a training command works with: model, data, display, and the run folder's hooks."""
+    """What a training command works with: model, data, optimizer, display, run folder."""
 
     def __init__(self, config, run_dir: Path, adapter_config: dict, display, **loaded):
         self.config = config
@@ -170,9 +223,42 @@ class TrainingRun:
         self.examples = loaded["examples"]
         self.held_out = loaded["held_out"]
         self.system_prompt = loaded["system_prompt"]
-        self.metrics_log = JsonlWriter(run_dir / "metrics.jsonl")
-        self.rollouts_log = JsonlWriter(run_dir / "rollouts.jsonl")
+        self.signals = StopSignals(display)
+        self.optimizer = None  # set by the command's fit() before restore()
+        self.sampler = None
         self.last_step = 0
+        self.metrics_log = None
+        self.rollouts_log = None
+
+    def restore(self) -> "StepHooks":
+        """Continue from the newest checkpoint when resuming; open the logs; build the hooks."""
+        from mlx.utils import tree_unflatten
+
+        from .checkpoints import latest_checkpoint, load_checkpoint, truncate_jsonl
+        from .trainer import StepHooks
+
+        start = 0
+        if self.config.resume:
+            path = latest_checkpoint(self.run_dir)
+            adapters, optimizer_state, state = load_checkpoint(path)
+            self.model.load_weights(list(adapters.items()), strict=False)
+            self.optimizer.state = tree_unflatten(list(optimizer_state.items()))
+            self.sampler.load_state_dict(state["data"])
+            start = self.last_step = state["step"]
+            for name in ("metrics.jsonl", "rollouts.jsonl"):
+                truncate_jsonl(self.run_dir / name, start)
+            self.display.message(f"resumed from {path} at step {start}")
+        self.metrics_log = JsonlWriter(self.run_dir / "metrics.jsonl")
+        self.rollouts_log = JsonlWriter(self.run_dir / "rollouts.jsonl")
+        return StepHooks(
+            self.config,
+            self.display,
+            on_step=self.on_step,
+            on_save=self.on_save,
+            on_eval=self.on_eval if self.config.eval_every else None,
+            should_stop=self.signals.reason,
+            start_step=start,
+        )
 
     def on_step(self, step: int, metrics: dict, records: list[dict]) -> None:
         self.metrics_log.write([metrics])
@@ -181,11 +267,26 @@ class TrainingRun:
         self.last_step = step
 
     def on_save(self, step: int) -> None:
+        """Adapters at the top of the run folder, plus a checkpoint to resume from."""
+        from mlx.utils import tree_flatten
+
+        from .checkpoints import save_checkpoint
         from .model import adapter_weights
 
         weights = adapter_weights(self.model)
-        save_adapters(self.run_dir, weights, {**self.adapter_config, "step": step})
-        self.display.message(f"step {step}: adapters saved to {self.run_dir}")
+        adapter_config = {**self.adapter_config, "step": step}
+        save_adapters(self.run_dir, weights, adapter_config)
+        save_checkpoint(
+            self.run_dir,
+            step,
+            weights,
+            adapter_config,
+            dict(tree_flatten(self.optimizer.state)),
+            # Sampling randomness is reseeded from (seed, step) every step: nothing to keep.
+            {"data": self.sampler.state_dict(), "seed": self.config.seed},
+            keep=self.config.keep_checkpoints,
+        )
+        self.display.message(f"step {step}: adapters and checkpoint saved in {self.run_dir}")
 
     def on_eval(self, step: int) -> dict:
         from .evaluate import evaluate
@@ -200,59 +301,68 @@ class TrainingRun:
         )
         return {f"eval/{k}": v for k, v in result.summary.items() if k != "samples"}
 
-    def hooks(self) -> dict:
-        return {
-            "on_step": self.on_step,
-            "on_save": self.on_save,
-            "on_eval": self.on_eval if self.config.eval_every else None,
-        }
-
     def close(self) -> None:
-        self.metrics_log.close()
-        self.rollouts_log.close()
+        for log in (self.metrics_log, self.rollouts_log):
+            if log is not None:
+                log.close()
+
+
+def resume_command(run_dir: Path, trainer: str) -> str:
+    command = "sft" if trainer.endswith("sft") else "train"
+    return f"mlx-reasoner {command} --resume {run_dir}"
 
 
 def training_run(config, trainer: str, fit, console, live, resolved=None, header=None) -> Path:
     """The run-folder life cycle shared by ``train`` and ``sft``.
 
-    Checks the cheap inputs, creates the folder, loads data and model, writes the resolved
-    ``config.json``, runs ``fit(run)`` under the display, and on Ctrl-C saves the adapters of
-    the last finished step. A run that failed before writing anything leaves no folder.
+    Checks the cheap inputs, creates (or, with ``--resume``, reopens) the folder, loads data
+    and model, writes the resolved ``config.json``, runs ``fit(run)`` under the display, and
+    turns Ctrl-C / SIGTERM into a checkpoint plus the exact command that resumes the run. A
+    run that failed before writing anything leaves no folder behind.
     """
+    from .checkpoints import latest_checkpoint
     from .model import check_adapter_dir
     from .prompts import load_system_prompt
+    from .trainer import StopTraining
     from .ui import TrainDisplay
 
     system_prompt = load_system_prompt(config.system_prompt)
-    if config.adapter_path is not None:
+    if config.adapter_path is not None and not config.resume:
         check_adapter_dir(config.adapter_path)
-    run_dir = prepare_run_dir(config.run_dir)
-    created_files = False
+    if config.resume:
+        run_dir = Path(config.resume)
+        if latest_checkpoint(run_dir) is None:
+            raise ReasonerError(f"{run_dir} has no complete checkpoint to resume from")
+    else:
+        run_dir = prepare_run_dir(config.run_dir, overwrite=config.overwrite)
+    created_files = bool(config.resume)
     try:
         examples, held_out = load_train_and_eval_examples(config)
         mx.random.seed(config.seed)
         model, tokenizer, lora, trainable = setup_model(
             config.model,
-            config.adapter_path,
+            None if config.resume else config.adapter_path,
             config.lora_layers,
             config.lora_rank,
             config.lora_scale,
+            saved_lora=_saved_lora(run_dir) if config.resume else None,
         )
-        atomic_write_json(
-            run_dir / "config.json",
-            {
-                **config.to_dict(),
-                **(resolved or {}),
-                "command": trainer,
-                "run_dir": str(run_dir),
-                "system_prompt_text": system_prompt,
-                "num_examples": len(examples),
-                "num_eval_examples": len(held_out),
-                "trainable_parameters": int(trainable),
-                "lora": lora,
-                "versions": _versions(),
-            },
-        )
+        if not config.resume:
+            atomic_write_json(
+                run_dir / "config.json",
+                {
+                    **config.to_dict(),
+                    **(resolved or {}),
+                    "command": trainer,
+                    "run_dir": str(run_dir),
+                    "system_prompt_text": system_prompt,
+                    "num_examples": len(examples),
+                    "num_eval_examples": len(held_out),
+                    "trainable_parameters": int(trainable),
+                    "lora": lora,
+                    "versions": _versions(),
+                },
+            )
         created_files = True
         display = TrainDisplay(
             config.steps, title=trainer.replace(" grpo", " train"), console=console, live=live
@@ -268,7 +378,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
             held_out=held_out,
             system_prompt=system_prompt,
         )
-        with display:
+        with display, run.signals:
             display.header(
                 {
                     "model": config.model,
@@ -287,14 +397,25 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
             )
             try:
                 fit(run)
-            except KeyboardInterrupt:
-                last = run.last_step
-                if last:
-                    run.on_save(last)
+            except StopTraining as stop:
                 raise ReasonerError(
-                    f"interrupted after step {last}; adapters of step {last} are in {run_dir}"
-                    if last
-                    else "interrupted before the first step finished"
+                    f"{stop.reason}; checkpoint of step {stop.step} saved. Resume with: "
+                    f"{resume_command(run_dir, trainer)}",
+                    exit_code=(
+                        130 if "SIGINT" in stop.reason else 143 if "SIGTERM" in stop.reason else 1
+                    ),
+                ) from None
+            except KeyboardInterrupt:
+                found = latest_checkpoint(run_dir)
+                where = f"the last checkpoint is {found}" if found else "no checkpoint yet"
+                raise ReasonerError(
+                    (
+                        f"interrupted at once; {where}. Resume with: "
+                        f"{resume_command(run_dir, trainer)}"
+                        if found
+                        else f"interrupted; {where}"
+                    ),
+                    exit_code=130,
                 ) from None
             finally:
                 run.close()
@@ -302,6 +423,10 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
         if not created_files and run_dir.is_dir() and not any(run_dir.iterdir()):
             shutil.rmtree(run_dir, ignore_errors=True)
     return run_dir
+
+
+def _saved_lora(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "config.json").read_text())["lora"]
 
 
 def run_eval(config, console=None) -> dict:

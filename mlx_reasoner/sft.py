@@ -7,7 +7,7 @@ packing and chunked log-probabilities, schedule, LoRA layers, run folder and dis
 """
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +18,7 @@ from .data import BatchSampler, Example
 from .errors import ReasonerError
 from .loss import PackedBatch, completion_logprobs, pack_sequences
 from .prompts import encode_prompt
-from .trainer import run_eval_hook, run_save_hook
+from .trainer import StepHooks, current_learning_rate, make_optimizer
 
 Sequences = list[tuple[list[int], list[int]]]  # (prompt ids, assistant ids) per example
 
@@ -106,29 +106,29 @@ def train_sft(
     tokenizer,
     sequences: Sequences,
     display,
-    schedule: Callable,
-    on_step: Callable[[int, dict, list[dict]], None] | None = None,
-    on_save: Callable[[int], None] | None = None,
-    on_eval: Callable[[int], dict] | None = None,
+    order: BatchSampler,
+    optimizer: optim.Optimizer | None = None,
+    hooks: StepHooks | None = None,
 ) -> list[dict]:
-    """Fine-tune the LoRA adapters on ``sequences`` for ``config.steps`` steps.
+    """Fine-tune the LoRA adapters on ``sequences``.
 
     Args:
         config: an ``SFTConfig`` (steps, batch size, clipping, cadences).
         model: policy with LoRA layers attached (base frozen).
         sequences: (prompt ids, assistant ids) pairs from ``example_sequences``.
         display: the training display.
-        schedule: learning-rate schedule.
-        on_step, on_save, on_eval: the same hooks as the GRPO trainer's.
+        order: batches of indices into ``sequences`` (seeded, resumable).
+        optimizer: from ``make_optimizer`` (possibly restored from a checkpoint).
+        hooks: after-step actions and the first step, shared with the GRPO trainer.
 
     Returns:
         Per-step metrics.
     """
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+    optimizer = optimizer or make_optimizer(config)
+    hooks = hooks or StepHooks(config, display)
     loss_and_grad = nn.value_and_grad(model, nll_loss)
-    order = BatchSampler(list(range(len(sequences))), config.batch_size, config.seed)
     history = []
-    for step in range(1, config.steps + 1):
+    for step in hooks.steps():
         mx.reset_peak_memory()
         start = time.perf_counter()
         display.phase("training")
@@ -136,7 +136,7 @@ def train_sft(
         batch = pack_sequences(
             [p for p, _ in picked], [a for _, a in picked], np.zeros(len(picked))
         )
-        lr = float(schedule(optimizer.state.get("step", mx.array(0))))
+        lr = current_learning_rate(optimizer)
         (loss, tokens), grads = loss_and_grad(model, batch)
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
@@ -158,13 +158,7 @@ def train_sft(
             "time_train": elapsed,
             "time_step": elapsed,
         }
-        run_eval_hook(on_eval, step, config, display, metrics)
         history.append(metrics)
-        if on_step is not None:
-            on_step(step, metrics, [])
-        display.update(metrics)
-        if skipped:
-            display.message(f"step {step}: non-finite loss or gradient, update skipped")
         if config.sample_every and step % config.sample_every == 0:
             prompt, answer = picked[0]
             display.sample(
@@ -177,5 +171,5 @@ def train_sft(
                     "index": 0,
                 }
             )
-        run_save_hook(on_save, step, config, display)
+        hooks.finish(step, metrics, [], skipped)
     return history

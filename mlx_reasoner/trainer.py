@@ -28,6 +28,22 @@ from .model import adapters_disabled
 from .rollout import Rollouts, generate_groups
 
 
+def make_optimizer(config, updates_per_step: int = 1) -> optim.Optimizer:
+    """AdamW on the schedule of ``make_schedule``."""
+    schedule = make_schedule(config, updates_per_step)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+    optimizer.schedule = schedule  # kept for reporting the rate of the next update
+    return optimizer
+
+
+def current_learning_rate(optimizer: optim.Optimizer) -> float:
+    """The rate the next update will use (the schedule at the optimizer's step count)."""
+    schedule = getattr(optimizer, "schedule", None)
+    if schedule is None:
+        return float(optimizer.learning_rate)
+    return float(schedule(optimizer.state.get("step", mx.array(0))))
+
+
 def make_schedule(config, updates_per_step: int = 1) -> Callable:
     """Linear warm-up to the peak rate, then cosine decay to ``min_lr_ratio`` of it.
 
@@ -193,21 +209,96 @@ def is_due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def run_eval_hook(on_eval, step: int, config, display, metrics: dict) -> None:
-    """Evaluate when due and merge the figures (and the time it took) into ``metrics``."""
-    if on_eval is None or not is_due(step, config.eval_every, config.steps):
-        return
-    display.phase("evaluating")
-    start = time.perf_counter()
-    metrics.update(on_eval(step))
-    metrics["time_eval"] = time.perf_counter() - start
+class StopTraining(Exception):
+    """Raised after a checkpoint was written, when the run must stop early."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step = step
+        self.reason = reason
 
 
-def run_save_hook(on_save, step: int, config, display) -> None:
-    """Save the adapters when due."""
-    if on_save is not None and is_due(step, config.save_every, config.steps):
-        display.phase("saving")
-        on_save(step)
+class StepHooks:
+    """What happens after every step of either trainer: evaluate, log, show, save, stop.
+
+    Args:
+        config: a ``RunConfig`` (cadences, ``max_bad_steps``).
+        display: the training display.
+        on_step: ``(step, metrics, records)`` -> None, e.g. append to the logs.
+        on_save: ``(step)`` -> None, writes adapters and a resumable checkpoint.
+        on_eval: ``(step)`` -> dict of ``eval/*`` figures, or None for no evaluation.
+        should_stop: ``()`` -> a reason to stop (e.g. a signal arrived) or None.
+        start_step: steps already done (a resumed run starts after them).
+    """
+
+    def __init__(
+        self,
+        config,
+        display,
+        on_step=None,
+        on_save=None,
+        on_eval=None,
+        should_stop=None,
+        start_step: int = 0,
+    ):
+        self.config = config
+        self.display = display
+        self.on_step = on_step
+        self.on_save = on_save
+        self.on_eval = on_eval
+        self.should_stop = should_stop
+        self.start_step = start_step
+        self.bad_in_a_row = 0
+
+    def steps(self):
+        """The steps still to run; each starts from its own seed, so a resumed run samples
+        exactly what an uninterrupted one would."""
+        for step in range(self.start_step + 1, self.config.steps + 1):
+            mx.random.seed(self.config.seed * 1_000_003 + step)
+            yield step
+
+    def finish(self, step: int, metrics: dict, records: list[dict], skipped: bool) -> None:
+        """Run the after-step actions; raises ``StopTraining`` when the run must end."""
+        config, display = self.config, self.display
+        if self.on_eval is not None and is_due(step, config.eval_every, config.steps):
+            display.phase("evaluating")
+            start = time.perf_counter()
+            metrics.update(self.on_eval(step))
+            metrics["time_eval"] = time.perf_counter() - start
+        if self.on_step is not None:
+            self.on_step(step, metrics, records)
+        display.update(metrics)
+        saved = False
+        if skipped:
+            self.bad_in_a_row += 1
+            display.message(
+                f"step {step}: non-finite loss or gradient, update skipped "
+                f"({self.bad_in_a_row} in a row; its rollouts are in rollouts.jsonl)"
+            )
+            if self.bad_in_a_row >= config.max_bad_steps:
+                saved = self._save(step)
+                raise StopTraining(
+                    step,
+                    f"{self.bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                    f"(--max-bad-steps {config.max_bad_steps}); the adapters of the last good "
+                    "step are saved. Try a lower --learning-rate or --max-grad-norm",
+                )
+        else:
+            self.bad_in_a_row = 0
+        if is_due(step, config.save_every, config.steps):
+            saved = self._save(step)
+        reason = self.should_stop() if self.should_stop is not None else None
+        if reason and step < config.steps:
+            if not saved:
+                self._save(step)
+            raise StopTraining(step, reason)
+
+    def _save(self, step: int) -> bool:
+        if self.on_save is None:
+            return False
+        self.display.phase("saving")
+        self.on_save(step)
+        return True
 
 
 def _step_metrics(step, rollouts, scores, update, config, times, lr) -> dict:
@@ -266,11 +357,10 @@ def train(
     rewards,
     system_prompt: str,
     display,
-    on_step: Callable[[int, dict, list[dict]], None] | None = None,
-    on_save: Callable[[int], None] | None = None,
-    on_eval: Callable[[int], dict] | None = None,
+    optimizer: optim.Optimizer | None = None,
+    hooks: StepHooks | None = None,
 ) -> list[dict]:
-    """Run ``config.steps`` GRPO steps on LoRA adapters already attached to ``model``.
+    """Run GRPO steps on LoRA adapters already attached to ``model``.
 
     Args:
         config: the validated run configuration.
@@ -280,10 +370,8 @@ def train(
         rewards: active ``WeightedReward`` list.
         system_prompt: text of the system prompt.
         display: a ``TrainDisplay`` (or anything with phase/update/sample/message).
-        on_step: called with ``(step, metrics, rollout_records)`` after every step.
-        on_save: called with the step number every ``save_every`` steps and at the end.
-        on_eval: called with the step number every ``eval_every`` steps and at the end; the
-            figures it returns join that step's metrics.
+        optimizer: from ``make_optimizer`` (possibly restored from a checkpoint).
+        hooks: after-step actions and the first step; default: none, from step 1.
 
     Returns:
         The list of per-step metrics.
@@ -293,15 +381,15 @@ def train(
     from .prompts import encode_prompt
     from .rewards import score_completions
 
-    schedule = make_schedule(config, config.num_iterations)
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=config.weight_decay)
+    optimizer = optimizer or make_optimizer(config, config.num_iterations)
+    hooks = hooks or StepHooks(config, display)
     loss_config = LossConfig(config.epsilon, config.epsilon_high, config.beta, config.loss_type)
     grads = GradientComputer(model, loss_config, config.temperature, compile=config.compile)
     sampler = make_sampler(
         config.temperature, top_p=config.top_p, min_p=config.min_p, top_k=config.top_k
     )
     history = []
-    for step in range(1, config.steps + 1):
+    for step in hooks.steps():
         mx.reset_peak_memory()
         start = time.perf_counter()
         display.phase("generating")
@@ -320,7 +408,7 @@ def train(
         scored = time.perf_counter()
 
         display.phase("training")
-        lr = float(schedule(optimizer.state.get("step", mx.array(0))))
+        lr = current_learning_rate(optimizer)
         update = policy_update(model, optimizer, grads, rollouts, advantages, config)
         trained = time.perf_counter()
 
@@ -331,14 +419,7 @@ def train(
             "time_step": trained - start,
         }
         metrics = _step_metrics(step, rollouts, scores, update, config, times, lr)
-        run_eval_hook(on_eval, step, config, display, metrics)
-        records = _rollout_records(step, batch, rollouts, scores, advantages)
         history.append(metrics)
-        if on_step is not None:
-            on_step(step, metrics, records)
-        display.update(metrics)
-        if update.skipped:
-            display.message(f"step {step}: non-finite loss or gradient, update skipped")
         if config.sample_every and (step % config.sample_every == 0 or step == 1):
             best = int(np.argmax(scores.total[: config.group_size]))
             display.sample(
@@ -351,5 +432,6 @@ def train(
                     "index": best,
                 }
             )
-        run_save_hook(on_save, step, config, display)
+        records = _rollout_records(step, batch, rollouts, scores, advantages)
+        hooks.finish(step, metrics, records, update.skipped)
     return history

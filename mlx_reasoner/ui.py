@@ -45,8 +45,10 @@ REFRESH_PER_SECOND = 4
 MetricRow = list[tuple[str, str]]
 
 
-def on_error(message: str, debug: bool = False, *, console: Console | None = None) -> NoReturn:
-    """Print ``error: <message>`` in red and exit with status 1.
+def on_error(
+    message: str, debug: bool = False, *, console: Console | None = None, exit_code: int = 1
+) -> NoReturn:
+    """Print ``error: <message>`` in red and exit with ``exit_code`` (1 by default).
 
     Args:
         message: One actionable line saying what went wrong and how to fix it.
@@ -54,14 +56,14 @@ def on_error(message: str, debug: bool = False, *, console: Console | None = Non
         console: Where to print; defaults to the module's ``err_console`` (stderr).
 
     Raises:
-        SystemExit: Always, with code 1.
+        SystemExit: Always, with ``exit_code``.
     """
     target = console if console is not None else _error_console()
     # soft_wrap keeps a long message on one logical line instead of hard-breaking it.
     target.print(Text(f"error: {message}", style="red"), soft_wrap=True)
     if debug and sys.exc_info()[0] is not None:
         target.print_exception()
-    raise SystemExit(1)
+    raise SystemExit(exit_code)
 
 
 def format_seconds(seconds: float) -> str:

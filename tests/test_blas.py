@@ -11,6 +11,7 @@ from importlib import metadata
 import numpy as np
 import pytest
 
+from mlx_reasoner import blas
 from mlx_reasoner.blas import (
     ENV_VAR,
     MLX_IMPORTED_FIRST,
@@ -91,6 +92,22 @@ def test_build_cpu_problem(config, cpu_flags, problem):
 def test_enable_fast_blas_is_idempotent():
     assert enable_fast_blas() is enable_fast_blas() is blas_info()
     assert json.loads(json.dumps(blas_info().as_dict()))["name"] == blas_info().name
+
+
+def test_enable_fast_blas_never_raises(monkeypatch):
+    def broken():
+        raise RuntimeError("no /proc here")
+
+    monkeypatch.setattr(blas, "_decide", broken)
+    monkeypatch.setattr(blas, "_state", None)
+    info = enable_fast_blas()
+    assert not info.enabled
+    assert info.reason == "fast BLAS setup failed: RuntimeError('no /proc here')"
+
+
+def test_missing_libgfortran_says_what_to_install():
+    error = OSError("libgfortran.so.5: cannot open shared object file: No such file or directory")
+    assert "apt-get install libgfortran5" in blas._explain_load_error(error)
 
 
 @linux_only
