@@ -204,7 +204,7 @@ class EvalConfig:
 
 
 def _base_type(annotation):
-    """``int | None`` -> (int, True); ``tuple[str, ...]`` -> (tuple, False); ``int`` -> (int, False)."""
+    """The plain type of a field and whether it may be None: ``int | None`` -> (int, True)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     optional = type(None) in typing.get_args(annotation)
     if optional and len(args) == 1:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -17,6 +18,9 @@ from mlx.utils import tree_flatten
 from .checkpoints import JsonlWriter, atomic_write_json, prepare_run_dir, save_adapters
 from .config import TrainConfig
 from .errors import ReasonerError
+
+if TYPE_CHECKING:
+    from .trainer import StepHooks
 
 
 def _versions() -> dict[str, str]:
