@@ -6,6 +6,7 @@ checks them all and names the offending ``--flag``, before anything expensive ha
 
 import dataclasses
 import difflib
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ def check_ranges(config) -> None:
         value, meta = getattr(config, f.name), f.metadata
         if value is None or isinstance(value, (bool, str, tuple)):
             continue
+        if not math.isfinite(value):
+            raise ReasonerError(f"{_flag(f.name)} must be a finite number, got {value}")
         if "at_least" in meta and value < meta["at_least"]:
             problem = f"must be at least {meta['at_least']}"
         elif "above" in meta and value <= meta["above"]:
