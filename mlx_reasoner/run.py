@@ -287,7 +287,11 @@ class TrainingRun:
             adapter_config,
             dict(tree_flatten(self.optimizer.state)),
             # Sampling randomness is reseeded from (seed, step) every step: nothing to keep.
-            {"data": self.sampler.state_dict(), "seed": self.config.seed},
+            {
+                "data": self.sampler.state_dict(),
+                "seed": self.config.seed,
+                "config": self.config.to_dict(),
+            },
             keep=self.config.keep_checkpoints,
         )
         self.display.message(f"step {step}: adapters and checkpoint saved in {self.run_dir}")
