@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .blas import blas_info
 from .checkpoints import JsonlWriter, atomic_write_json, prepare_run_dir, save_adapters
 from .config import TrainConfig
 from .errors import ReasonerError
@@ -35,6 +36,7 @@ def _versions() -> dict[str, str]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(mx.default_device()),
+        "blas": blas_info().as_dict(),
     }
 
 
@@ -401,6 +403,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
                         else "off"
                     ),
                     "device": str(mx.default_device()),
+                    "BLAS": blas_info().name,
                 }
             )
             try:
