@@ -86,6 +86,12 @@ class RunConfig:
     save_every: int = _opt(50, "Save adapters every N steps (and at the end).", at_least=0)
     sample_every: int = _opt(10, "Show a sample completion every N steps (0: never).", at_least=0)
     compile: bool = _opt(True, "mx.compile the training pass.")
+    grad_checkpoint: bool = _opt(
+        False, "Recompute block activations in the backward pass (less memory, slower)."
+    )
+    memory_limit_gb: float | None = _opt(
+        None, "Cap the memory MLX may use, in GB (default: MLX's own limit).", above=0
+    )
     eval_every: int = _opt(
         0, "Evaluate on held-out questions every N steps (0: never).", at_least=0
     )

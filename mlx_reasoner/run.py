@@ -97,6 +97,16 @@ def setup_model(
     return model, tokenizer, lora, trainable
 
 
+def apply_memory_options(model, config) -> None:
+    """``--grad-checkpoint`` (mlx-lm's block checkpointing) and ``--memory-limit-gb``."""
+    if config.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+    if config.memory_limit_gb is not None:
+        mx.set_memory_limit(int(config.memory_limit_gb * 1e9))
+
+
 def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Path:
     """Run ``mlx-reasoner train`` (GRPO) end to end and return the run folder.
 
@@ -357,6 +367,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
             config.lora_scale,
             saved_lora=_saved_lora(run_dir) if config.resume else None,
         )
+        apply_memory_options(model, config)
         if not config.resume:
             atomic_write_json(
                 run_dir / "config.json",

@@ -398,6 +398,7 @@ def train(
         rollouts = generate_groups(
             model, tokenizer, prompts, config.group_size, config.max_completion_tokens, sampler
         )
+        mx.clear_cache()  # give the decode's KV caches back before the training pass
         generated = time.perf_counter()
 
         display.phase("scoring")
@@ -410,6 +411,7 @@ def train(
         display.phase("training")
         lr = current_learning_rate(optimizer)
         update = policy_update(model, optimizer, grads, rollouts, advantages, config)
+        mx.clear_cache()
         trained = time.perf_counter()
 
         times = {

@@ -5,7 +5,7 @@ import io
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from rich.console import Console
 
 from mlx_reasoner.advantages import group_advantages
@@ -147,3 +147,37 @@ def test_schedule_warms_up_then_decays():
     assert values[5] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(values[5:], values[6:]))
     assert values[-1] == pytest.approx(1e-4, rel=0.2)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    """mlx-lm's block checkpointing recomputes activations; the gradients must not change."""
+    import mlx_lm
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    from mlx_reasoner.loss import completion_logprobs, pack_sequences
+
+    batch = pack_sequences([[1, 2, 3, 4]], [[5, 6, 7]], np.ones(1))
+    results = []
+    for checkpointed in (False, True):
+        model, _ = mlx_lm.load(str(tiny_model_dir))
+        mx.random.seed(0)
+        attach_lora(model, lora_config(-1, 4))
+        model.update(tree_map(lambda p: p + 0.1, model.trainable_parameters()))
+        layer_type = type(model.layers[0])
+        original = layer_type.__call__
+        try:
+            if checkpointed:
+                grad_checkpoint(model.layers[0])
+
+            def total(params, model=model):
+                model.update(params)
+                return completion_logprobs(model, batch).sum()
+
+            grads = mx.grad(total)(model.trainable_parameters())
+            results.append(dict(tree_flatten(grads)))
+        finally:
+            layer_type.__call__ = original  # the patch is class-wide
+    plain, checkpointed = results
+    for name, value in plain.items():
+        assert mx.allclose(value, checkpointed[name], atol=1e-5), name
+    assert any(mx.abs(v).sum().item() > 0 for v in plain.values())
