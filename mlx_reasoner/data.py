@@ -54,6 +54,8 @@ class Example:
     question: str
     answer: str
     reasoning: str = ""
+    # A whole chat for SFT, as (role, content) pairs ending with the assistant's turn.
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 def load_examples(
@@ -379,6 +381,8 @@ def _to_example(
             f"{source}: row {row_number} is a {type(row).__name__}, not an object with "
             f"'{question_field}' and '{answer_field}' fields"
         )
+    if question_field not in row and "messages" in row:
+        return _chat_example(row["messages"], row_number, source)
     for field in (question_field, answer_field):
         if field not in row:
             available = ", ".join(repr(name) for name in row) or "none"
@@ -400,6 +404,25 @@ def _to_example(
     else:
         reasoning = _worked_solution(answer)
     return Example(question=question, answer=gold, reasoning=reasoning)
+
+
+def _chat_example(messages: Any, row_number: int, source: str) -> Example:
+    """A row in chat form: ``{"messages": [{"role": ..., "content": ...}, ...]}``."""
+    ok = isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    )
+    if not ok or not messages or messages[-1]["role"] != "assistant":
+        raise ReasonerError(
+            f"{source}: row {row_number} has 'messages' that are not a list of "
+            "{'role', 'content'} objects ending with an assistant message"
+        )
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return Example(
+        question=users[-1] if users else "",
+        answer=messages[-1]["content"].strip(),
+        messages=tuple((m["role"], m["content"]) for m in messages),
+    )
 
 
 def _worked_solution(answer_text: str) -> str:

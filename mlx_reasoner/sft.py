@@ -65,7 +65,7 @@ def example_sequences(
     Raises:
         ReasonerError: when examples have no worked solution, or none fits ``max_tokens``.
     """
-    missing = sum(1 for ex in examples if not ex.reasoning)
+    missing = sum(1 for ex in examples if not ex.reasoning and not ex.messages)
     if missing:
         raise ReasonerError(
             f"{missing} of {len(examples)} examples have no worked solution to learn from; "
@@ -74,6 +74,13 @@ def example_sequences(
         )
     sequences = []
     for ex in examples:
+        if ex.messages:  # a chat row: its own system prompt (if any), its own turns
+            prompt, answer = chat_sequence(
+                tokenizer, [{"role": r, "content": c} for r, c in ex.messages]
+            )
+            if len(prompt) + len(answer) <= max_tokens:
+                sequences.append((prompt, answer))
+            continue
         messages = [{"role": "user", "content": ex.question}]
         if system_prompt:
             messages.insert(0, {"role": "system", "content": system_prompt})
