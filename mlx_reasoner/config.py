@@ -122,6 +122,15 @@ class RunConfig:
             k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
         }
 
+    def data_options(self) -> dict:
+        """Keyword arguments for ``data.load_examples``."""
+        return dict(
+            question_field=self.question_field,
+            answer_field=self.answer_field,
+            dataset_config=self.dataset_config,
+            seed=self.seed,
+        )
+
 
 @dataclass
 class TrainConfig(RunConfig):
@@ -175,6 +184,9 @@ class SFTConfig(RunConfig):
         1024, "Drop examples longer than this many tokens (prompt + answer).", at_least=8
     )
     sample_every: int = _opt(0, "Show a sample of the training text every N steps.", at_least=0)
+
+    def data_options(self) -> dict:
+        return {**super().data_options(), "reasoning_field": self.reasoning_field}
 
 
 @dataclass

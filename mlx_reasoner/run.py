@@ -1,4 +1,4 @@
-"""Wires the stages into one training run: check inputs, load, train, and keep the results.
+"""Wires the stages into each command's run: check inputs, load, train or evaluate, keep results.
 
 Inputs are checked in order of cost (options, rewards, prompt, run folder, dataset, model)
 so that a typo fails in milliseconds, not after a multi-gigabyte download.
@@ -48,12 +48,7 @@ def load_train_and_eval_examples(config):
     """
     from .data import is_local_dataset, load_examples, split_examples
 
-    common = dict(
-        question_field=config.question_field,
-        answer_field=config.answer_field,
-        dataset_config=config.dataset_config,
-        seed=config.seed,
-    )
+    common = config.data_options()
     examples = load_examples(config.dataset, split=config.split, **common)
     if not config.eval_every:
         return examples, []
@@ -189,6 +184,9 @@ def run_sft(config, console=None, live: bool | None = None) -> Path:
         live,
         header={"batch": f"{config.batch_size} examples per step"},
     )
+
+
+SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
 class StopSignals:
@@ -355,7 +353,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
             raise ReasonerError(f"{run_dir} has no complete checkpoint to resume from")
     else:
         run_dir = prepare_run_dir(config.run_dir, overwrite=config.overwrite)
-    created_files = bool(config.resume)
+    started = bool(config.resume)  # once a step has finished, the folder is worth keeping
     try:
         examples, held_out = load_train_and_eval_examples(config)
         mx.random.seed(config.seed)
@@ -384,7 +382,6 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
                     "versions": _versions(),
                 },
             )
-        created_files = True
         display = TrainDisplay(
             config.steps, title=trainer.replace(" grpo", " train"), console=console, live=live
         )
@@ -409,7 +406,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
                     "LoRA": f"rank {lora['lora_parameters']['rank']} on {lora['num_layers']} "
                     f"blocks ({trainable:,} parameters)",
                     "eval": (
-                        f"every {config.eval_every} steps on {len(held_out)} held-out " "questions"
+                        f"every {config.eval_every} steps on {len(held_out)} held-out questions"
                         if config.eval_every
                         else "off"
                     ),
@@ -423,9 +420,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
                 raise ReasonerError(
                     f"{stop.reason}; checkpoint of step {stop.step} saved. Resume with: "
                     f"{resume_command(run_dir, trainer)}",
-                    exit_code=(
-                        130 if "SIGINT" in stop.reason else 143 if "SIGTERM" in stop.reason else 1
-                    ),
+                    exit_code=SIGNAL_EXIT_CODES.get(run.signals.received, 1),
                 ) from None
             except KeyboardInterrupt:
                 found = latest_checkpoint(run_dir)
@@ -440,11 +435,20 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
                     exit_code=130,
                 ) from None
             finally:
+                started = started or run.last_step > 0
                 run.close()
     finally:
-        if not created_files and run_dir.is_dir() and not any(run_dir.iterdir()):
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if not started:
+            _discard_unstarted_run(run_dir)
     return run_dir
+
+
+def _discard_unstarted_run(run_dir: Path) -> None:
+    """Remove what a run that never finished a step wrote, and its folder if that empties it."""
+    for name in ("config.json", "metrics.jsonl", "rollouts.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _saved_lora(run_dir: Path) -> dict:

@@ -171,3 +171,26 @@ def test_sft_on_chat_rows_from_a_file(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "4 of 4 examples fit" in result.output
     assert (run_dir / "adapters.safetensors").exists()
+
+
+def test_reasoning_field_option_reaches_the_loader(tiny_model_dir, tmp_path):
+    data = tmp_path / "traces.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": "1", "steps": "one step"}) + "\n")
+    args = [
+        "sft",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--steps",
+        "1",
+        "--lora-layers",
+        "1",
+    ]
+    refused = CliRunner().invoke(main, [*args, "--run-dir", str(tmp_path / "a")])
+    assert refused.exit_code == 1 and "no worked solution" in refused.output
+    assert not (tmp_path / "a").exists(), "a run that never started leaves nothing behind"
+    result = CliRunner().invoke(
+        main, [*args, "--reasoning-field", "steps", "--run-dir", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 0, result.output
