@@ -88,7 +88,7 @@ def setup_model(
         trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     else:
         lora = saved_lora or lora_config(lora_layers, lora_rank, scale=lora_scale)
-        trainable = attach_lora(model, dict(lora))
+        trainable = attach_lora(model, lora)
     return model, tokenizer, lora, trainable
 
 

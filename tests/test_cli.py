@@ -266,3 +266,29 @@ def test_local_file_held_out_part_is_never_trained_on(tiny_model_dir, tmp_path):
     assert not trained & {ex.question for ex in held_out}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "eval/accuracy" in m] == [3, 6]
+
+
+def test_all_blocks_are_recorded_as_a_count(tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        "task:arithmetic",
+        "--steps",
+        1,
+        "--batch-size",
+        1,
+        "--group-size",
+        2,
+        "--max-completion-tokens",
+        2,
+        "--lora-layers",
+        -1,
+        "--run-dir",
+        run_dir,
+    )
+    assert result.exit_code == 0, result.output
+    blocks = len(mlx_lm.load(str(tiny_model_dir))[0].layers)
+    assert json.loads((run_dir / "adapter_config.json").read_text())["num_layers"] == blocks
+    assert f"on {blocks} blocks" in result.output
