@@ -4,7 +4,8 @@ This module owns ``mlx-reasoner bench``. It runs a few GRPO steps with the packa
 (``generate_groups``, the rewards, ``group_advantages``, ``policy_update``) on fixed prompts, with
 completions forced to full length, and times mlx-lm's ``BatchGenerator`` alone on the same
 prompts, sampler and lengths, so the rollout's overhead over the raw engine is a single ratio.
-mlx is imported inside the functions: the CLI imports this module to build its options.
+Heavy modules are imported inside the functions, as in ``run``: the CLI imports this module for
+its options, so ``mlx-reasoner --help`` stays quick.
 """
 
 import dataclasses
@@ -63,6 +64,12 @@ class BenchConfig:
     )
     temperature: float = _opt(0.9, "Sampling temperature.", above=0)
     compile: bool = _opt(True, "mx.compile the training pass.")
+    grad_checkpoint: bool = _opt(
+        False, "Recompute block activations in the backward pass (less memory, slower)."
+    )
+    memory_limit_gb: float | None = _opt(
+        None, "Cap the memory MLX may use, in GB (default: MLX's own limit).", above=0
+    )
     ignore_eos: bool = _opt(True, "Generate every completion to full length, past EOS.")
     compare_beta: bool = _opt(
         False, "Also run with the other of beta 0 / beta > 0 and report the peak-memory ratio."
@@ -157,8 +164,8 @@ def bench_steps(
     """Run ``config.steps`` GRPO steps on the same prompts and time each part.
 
     Each step first times the raw engine on the step's prompts (unless ``measure_engine`` is
-    False), then runs rollout, scoring and the update exactly as ``trainer.train`` does. Peak
-    memory is reset before the rollout, so it covers the GRPO step only.
+    False), then runs rollout, scoring and the update as ``trainer.train`` does (cache releases
+    included). Peak memory is reset before the rollout, so it covers the GRPO step only.
 
     Returns:
         One dict of figures per step; the first step is the warm-up.
@@ -192,6 +199,7 @@ def bench_steps(
             engine_tokens, engine_seconds = engine_generate(
                 model, prompts, group, config.max_completion_tokens, sampler, stop_tokens
             )
+            mx.clear_cache()  # the rollout starts as it does in train, after a release
         mx.reset_peak_memory()
         start = time.perf_counter()
         rollouts = generate_groups(
@@ -203,11 +211,13 @@ def bench_steps(
             sampler,
             ignore_eos=config.ignore_eos,
         )
+        mx.clear_cache()  # as train does: the decode's KV caches go back before training
         generated = time.perf_counter()
         scores = score_completions(rewards, rollouts.texts, answers, questions=questions)
         advantages = group_advantages(scores.total, group)
         scored = time.perf_counter()
         update = policy_update(model, optimizer, grads, rollouts, advantages, train_config)
+        mx.clear_cache()
         trained = time.perf_counter()
 
         sequence_tokens = sum(
@@ -291,7 +301,9 @@ def _prepare_output(output: str | None) -> Path | None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ReasonerError(f"cannot create the folder for --output {output}: {exc.strerror}")
+        raise ReasonerError(
+            f"cannot create the folder for --output {output}: {exc.strerror}"
+        ) from exc
     return path
 
 
@@ -329,7 +341,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     from .model import LORA_SCALE
     from .prompts import encode_prompt, load_system_prompt
     from .rewards import resolve_rewards
-    from .run import _versions, setup_model
+    from .run import _versions, apply_memory_options, setup_model
 
     config.validate()
     output = _prepare_output(config.output)
@@ -349,6 +361,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         model, tokenizer, lora, trainable = setup_model(
             model_path, None, config.lora_layers, config.lora_rank, LORA_SCALE
         )
+    apply_memory_options(model, config)
     parameters = sum(v.size for _, v in tree_flatten(model.parameters())) - trainable
     initial_adapters = tree_flatten(model.trainable_parameters())
     prompts = [encode_prompt(tokenizer, system_prompt, ex.question) for ex in examples]

@@ -6,8 +6,10 @@ linker's symbol lookup, so MLX's ``cblas_sgemm`` and LAPACK calls then bind to O
 That only works if it happens first: ``mlx_reasoner/__init__.py`` calls :func:`enable_fast_blas`
 before any module imports mlx, and nothing here imports mlx at module level.
 
-Set ``MLX_REASONER_FAST_BLAS=0`` to keep the reference BLAS. ``OPENBLAS_NUM_THREADS`` is left to
-OpenBLAS, which reads it when loaded (default: one thread per core, capped by its build).
+Set ``MLX_REASONER_FAST_BLAS=0`` to keep the reference BLAS. Unless ``OPENBLAS_NUM_THREADS`` is
+set, OpenBLAS gets half the cores (at least one): its threads busy-wait, and with one per core any
+other load on the machine made steps 10-20x slower in our measurements, while one thread per two
+cores lost little on an idle machine.
 """
 
 from __future__ import annotations
@@ -140,6 +142,12 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / statistics.median(seconds) / 1e9
 
 
+def _default_thread_count() -> None:
+    """Give OpenBLAS half the cores unless the user chose (it reads the variable when loaded)."""
+    if not any(os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")):
+        os.environ["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
+
+
 def _decide() -> BlasInfo:
     if sys.platform == "darwin":
         return BlasInfo(ACCELERATE_NAME, enabled=True)
@@ -164,6 +172,7 @@ def _decide() -> BlasInfo:
             reason=f"{MLX_IMPORTED_FIRST}; import mlx_reasoner first or set LD_PRELOAD={hint}",
         )
 
+    _default_thread_count()
     failures = []
     for candidate in candidates:
         if candidate.problem is not None:
