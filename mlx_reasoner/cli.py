@@ -3,15 +3,13 @@
 import contextlib
 import dataclasses
 import json
-import types
-import typing
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .config import EvalConfig, SFTConfig, TrainConfig
+from .config import EvalConfig, SFTConfig, TrainConfig, field_type
 from .errors import ReasonerError
 
 
@@ -28,22 +26,13 @@ def user_errors(debug: bool) -> Iterator[None]:
         on_error("interrupted", debug, exit_code=130)
 
 
-def _click_type(annotation):
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):  # X | None
-        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if typing.get_origin(annotation) is tuple:
-        return typing.get_args(annotation)[0]
-    return annotation
-
-
 def config_options(cls):
     """Click options generated from a config dataclass: one field, one ``--flag``, same help."""
 
     def decorate(command):
         for f in reversed(dataclasses.fields(cls)):
             flag = "--" + f.name.replace("_", "-")
-            kind = _click_type(f.type)
+            kind, _ = field_type(f.type)
             help_text = f.metadata.get("help", "")
             if kind is bool:
                 option = click.option(
@@ -53,8 +42,8 @@ def config_options(cls):
                     show_default=True,
                     help=help_text,
                 )
-            elif f.metadata.get("multiple"):
-                option = click.option(flag, f.name, multiple=True, type=kind, help=help_text)
+            elif kind is tuple:  # a repeatable option (all of ours are strings)
+                option = click.option(flag, f.name, multiple=True, type=str, help=help_text)
             else:
                 choices = f.metadata.get("choices")
                 option = click.option(

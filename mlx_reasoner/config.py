@@ -153,10 +153,10 @@ class TrainConfig(RunConfig):
         4, "Completions per forward/backward pass (memory bound).", at_least=1
     )
     reward: tuple[str, ...] = _opt(
-        (), "Reward NAME[:WEIGHT]; repeatable. Default: the five GSM8K rewards.", multiple=True
+        (), "Reward NAME[:WEIGHT]; repeatable. Default: the five GSM8K rewards."
     )
     reward_file: tuple[str, ...] = _opt(
-        (), "Python file whose public functions are added as rewards; repeatable.", multiple=True
+        (), "Python file whose public functions are added as rewards; repeatable."
     )
 
     def validate(self) -> "TrainConfig":
@@ -224,7 +224,7 @@ class EvalConfig:
         return dataclasses.asdict(self)
 
 
-def _base_type(annotation):
+def field_type(annotation):
     """The plain type of a field and whether it may be None: ``int | None`` -> (int, True)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     optional = type(None) in typing.get_args(annotation)
@@ -241,7 +241,7 @@ def coerce_value(cls, name: str, value, source: str):
         close = difflib.get_close_matches(name, fields, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ReasonerError(f"{source}: unknown option '{name}'{hint}")
-    kind, optional = _base_type(fields[name].type)
+    kind, optional = field_type(fields[name].type)
     if value is None and optional:
         return None
     wrong = ReasonerError(
