@@ -102,6 +102,17 @@ def show_config(config) -> None:
     click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
 
 
+def run_training_command(cls, run, options, config_file, print_config, debug, next_step):
+    """Resolve and check the configuration, then print it or run it and say what comes next."""
+    with user_errors(debug):
+        config = resolve_config(cls, options, config_file).validate()
+        if print_config:
+            show_config(config)
+            return
+        run_dir = run(config)
+        click.echo(f"done: adapters in {run_dir} ({next_step.format(run_dir=run_dir)})")
+
+
 def training_command(cls):
     """The options every training command shares besides its config fields."""
 
@@ -131,15 +142,15 @@ def train(debug: bool, print_config: bool, config_file: str | None, **options) -
     """
     from .run import run_train
 
-    with user_errors(debug):
-        config = resolve_config(TrainConfig, options, config_file).validate()
-        if print_config:
-            return show_config(config)
-        run_dir = run_train(config)
-        click.echo(
-            f"done: adapters in {run_dir} "
-            f"(try: mlx_lm.generate --model MODEL --adapter-path {run_dir})"
-        )
+    run_training_command(
+        TrainConfig,
+        run_train,
+        options,
+        config_file,
+        print_config,
+        debug,
+        "try: mlx_lm.generate --model MODEL --adapter-path {run_dir}",
+    )
 
 
 @main.command()
@@ -153,15 +164,15 @@ def sft(debug: bool, print_config: bool, config_file: str | None, **options) -> 
     """
     from .run import run_sft
 
-    with user_errors(debug):
-        config = resolve_config(SFTConfig, options, config_file).validate()
-        if print_config:
-            return show_config(config)
-        run_dir = run_sft(config)
-        click.echo(
-            f"done: adapters in {run_dir} (continue with GRPO: "
-            f"mlx-reasoner train --adapter-path {run_dir})"
-        )
+    run_training_command(
+        SFTConfig,
+        run_sft,
+        options,
+        config_file,
+        print_config,
+        debug,
+        "continue with GRPO: mlx-reasoner train --adapter-path {run_dir}",
+    )
 
 
 @main.command("eval")
