@@ -86,3 +86,23 @@ def test_cli_bad_adapter_path(tiny_model_dir, tmp_path):
         main, ["strawberry-test", "--model", str(tiny_model_dir), "--adapter-path", str(tmp_path)]
     )
     assert result.exit_code == 1 and "adapter_config.json" in result.output
+
+
+def test_demo_folder_replaces_an_earlier_demo_but_nothing_else(tmp_path):
+    import pytest
+
+    from mlx_reasoner.demo import DEMO_MARKER, prepare_demo_dir
+    from mlx_reasoner.errors import ReasonerError
+
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(ReasonerError, match="not a demo folder"):
+        prepare_demo_dir(other)
+    assert (other / "precious.txt").read_text() == "keep me"
+
+    demo = tmp_path / "demo"
+    prepare_demo_dir(demo)
+    (demo / "summary.json").write_text("{}")
+    prepare_demo_dir(demo)
+    assert sorted(p.name for p in demo.iterdir()) == [DEMO_MARKER]
