@@ -115,9 +115,6 @@ class DemoRecipe:
     expected_minutes: float = 4.0
 
 
-QUICK_RECIPE_OVERRIDES = {"sft_steps": 40, "grpo_steps": 10, "eval_limit": 40}
-
-
 def _summary_path(run_dir: Path) -> Path:
     return run_dir / "summary.json"
 

@@ -115,11 +115,12 @@ def pack_sequences(
     )
 
 
-def output_head(model: nn.Module) -> Callable[[mx.array], mx.array]:
-    """The projection from final hidden states to vocabulary logits."""
+def output_head(model: nn.Module) -> tuple[nn.Module, Callable[[mx.array], mx.array]]:
+    """The module holding the output weights, and the projection from hidden states to logits
+    (``lm_head``, or the tied input embeddings used as a linear layer)."""
     if hasattr(model, "lm_head"):
-        return model.lm_head
-    return model.model.embed_tokens.as_linear
+        return model.lm_head, model.lm_head
+    return model.model.embed_tokens, model.model.embed_tokens.as_linear
 
 
 def _chunk_logprobs(head: Callable, temperature: float):
@@ -155,8 +156,8 @@ def completion_logprobs(
     """
     hidden = model.model(batch.tokens)  # [B, L, H]
     hidden = mx.take_along_axis(hidden, batch.positions[..., None], axis=1)  # [B, T, H]
-    head_module = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens
-    chunk_fn = _chunk_logprobs(output_head(model), temperature)
+    head_module, head = output_head(model)
+    chunk_fn = _chunk_logprobs(head, temperature)
     pieces = []
     for start in range(0, batch.targets.shape[1], chunk_size):
         targets = batch.targets[:, start : start + chunk_size]

@@ -116,7 +116,7 @@ def generate_groups(
     ]
     return Rollouts(
         group_size=group_size,
-        prompt_ids=[list(p) for p in prompts for _ in range(group_size)],
+        prompt_ids=[p for p in map(list, prompts) for _ in range(group_size)],
         completion_ids=completion_ids,
         finish_reasons=finish_reasons,
         texts=texts,
