@@ -333,6 +333,46 @@ def _letter_count_questions() -> Iterator[str]:
                 yield letter_count_example(word, letter, template).question
 
 
+# --- count-z ----------------------------------------------------------------------------------
+
+# The offline demo's task: small enough for a model trained from scratch in a minute on a CPU.
+# None of these letters occurs in the built-in system prompt, so counting z's in the context
+# counts them in the question alone.
+COUNT_Z_LENGTH = 8
+COUNT_Z_MAX = 5
+_COUNT_Z_OTHERS = "xqkv"
+# Share of traces that work the count out character by character; the rest answer directly.
+COUNT_Z_WORKED_SHARE = 0.1
+
+
+def count_z_example(letters: str, worked: bool) -> Example:
+    """The count-z problem for one string, with a worked or a direct trace.
+
+    >>> example = count_z_example("xzzqkzvx", worked=True)
+    >>> example.question, example.reasoning, example.answer
+    ('Count z: xzzqkzvx', '01222333', '3')
+    >>> count_z_example("xzzqkzvx", worked=False).reasoning
+    'Counting.'
+    """
+    running, count = [], 0
+    for char in letters:
+        count += char == "z"
+        running.append(str(count))
+    # The worked trace is the running count, one digit per character of the question.
+    reasoning = "".join(running) if worked else "Counting."
+    return Example(question=f"Count z: {letters}", answer=str(count), reasoning=reasoning)
+
+
+def _count_z(rng: random.Random) -> Example:
+    """Eight letters over x, q, k, v and z, with 0-5 z's (uniform) at random places."""
+    count = rng.randrange(COUNT_Z_MAX + 1)
+    places = set(rng.sample(range(COUNT_Z_LENGTH), count))
+    letters = "".join(
+        "z" if i in places else rng.choice(_COUNT_Z_OTHERS) for i in range(COUNT_Z_LENGTH)
+    )
+    return count_z_example(letters, worked=rng.random() < COUNT_Z_WORKED_SHARE)
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in [
@@ -346,6 +386,11 @@ TASKS: dict[str, Task] = {
             "how many times a letter appears in a common English word",
             _letter_count,
             _letter_count_questions,
+        ),
+        Task(
+            "count-z",
+            "how many z's are in 8 random letters (the offline demo's task)",
+            _count_z,
         ),
     ]
 }

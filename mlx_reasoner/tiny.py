@@ -222,6 +222,7 @@ def _model_args(
     num_attention_heads: int,
     num_key_value_heads: int,
     intermediate_size: int,
+    rope_theta: float = ROPE_THETA,
 ) -> ModelArgs:
     """Validate the sizes and turn them into mlx-lm's Qwen2 ``ModelArgs``."""
     if hidden_size % num_attention_heads != 0:
@@ -244,7 +245,7 @@ def _model_args(
         vocab_size=vocab_size,
         num_key_value_heads=num_key_value_heads,
         max_position_embeddings=MAX_POSITION_EMBEDDINGS,
-        rope_theta=ROPE_THETA,
+        rope_theta=rope_theta,
         tie_word_embeddings=True,
     )
 
@@ -288,6 +289,7 @@ def build_tiny_model(
     intermediate_size: int = 128,
     corpus: Iterable[str] | None = None,
     seed: int = 0,
+    rope_theta: float = ROPE_THETA,
 ) -> Path:
     """Build a random Qwen2 model and a freshly trained tokenizer as a model directory.
 
@@ -306,6 +308,7 @@ def build_tiny_model(
         intermediate_size: Width of the MLP.
         corpus: Tokenizer training texts; ``DEFAULT_CORPUS`` when None.
         seed: Seed for the weight initialisation.
+        rope_theta: RoPE base; Qwen2.5's 1e6 by default.
 
     Returns:
         The model directory as a ``Path``.
@@ -318,6 +321,7 @@ def build_tiny_model(
         num_attention_heads,
         num_key_value_heads,
         intermediate_size,
+        rope_theta,
     )
     out_path = Path(out_dir)
     # Created only after the sizes are validated, so a bad call leaves nothing behind.
