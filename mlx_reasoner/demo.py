@@ -167,7 +167,7 @@ def warm_start(
     from .checkpoints import atomic_save_safetensors, atomic_write_text
     from .config import SFTConfig
     from .data import BatchSampler, load_examples
-    from .model import load_model
+    from .model import load_model, trainable_parameter_count
     from .prompts import load_system_prompt
     from .sft import example_sequences, train_sft
     from .ui import TrainDisplay
@@ -191,7 +191,7 @@ def warm_start(
         tokenizer, load_system_prompt("reasoning"), examples, config.max_seq_tokens
     )
     order = BatchSampler(list(range(len(sequences))), config.batch_size, seed)
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    trainable = trainable_parameter_count(model)
     with TrainDisplay(
         config.steps, title="demo: warm start", console=console, live=live
     ) as display:
@@ -305,11 +305,12 @@ def run_demo(
     system_prompt = load_system_prompt("reasoning")
     held_out = load_examples(recipe.task, split="test", limit=recipe.eval_limit, seed=seed)
     majority_answer, majority_count = Counter(ex.answer for ex in held_out).most_common(1)[0]
+    # One load: the warm-started model is evaluated first, then with the GRPO adapters on it.
+    model, tokenizer = load_model(str(sft_dir))
     results = {}
-    for name, adapters in (("after SFT", None), ("after GRPO", grpo_dir)):
-        model, tokenizer = load_model(str(sft_dir))
-        if adapters is not None:
-            load_adapters(model, str(adapters))
+    for name in ("after SFT", "after GRPO"):
+        if name == "after GRPO":
+            load_adapters(model, str(grpo_dir))
         results[name] = evaluate(
             model,
             tokenizer,

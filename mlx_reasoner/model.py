@@ -107,6 +107,11 @@ def attach_lora(model: nn.Module, config: dict) -> int:
         config["num_layers"] = total_layers
     model.freeze()
     linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
+    return trainable_parameter_count(model)
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    """How many parameters an optimizer would update (the adapters, or every weight)."""
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 

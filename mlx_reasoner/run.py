@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
 from .blas import blas_info
 from .checkpoints import JsonlWriter, atomic_write_json, prepare_run_dir, save_adapters
@@ -79,13 +78,19 @@ def setup_model(
     Returns:
         ``(model, tokenizer, lora_description, trainable_parameter_count)``.
     """
-    from .model import attach_lora, load_adapters, load_model, lora_config
+    from .model import (
+        attach_lora,
+        load_adapters,
+        load_model,
+        lora_config,
+        trainable_parameter_count,
+    )
 
     model, tokenizer = load_model(model_name)
     if adapter_path is not None:
         # Continue from earlier adapters (e.g. an SFT run): their shape wins.
         lora = load_adapters(model, adapter_path)
-        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        trainable = trainable_parameter_count(model)
     else:
         lora = saved_lora or lora_config(lora_layers, lora_rank, scale=lora_scale)
         trainable = attach_lora(model, lora)
