@@ -93,7 +93,7 @@ class DemoRecipe:
     1e-3, and GRPO on LoRA adapters is stable at 1e-4 or below.
     """
 
-    task: str = "task:count-z"
+    task: str = "task:parity"
     # The tiny model built from scratch; 263 tokens give a character-level tokenizer.
     vocab_size: int = 263
     hidden_size: int = 128
@@ -104,20 +104,20 @@ class DemoRecipe:
     rope_theta: float = 1e4
     # Supervised warm start on the task's traces, all weights trained.
     sft_examples: int = 4000
-    sft_steps: int = 100
+    sft_steps: int = 150
     sft_batch_size: int = 32
     sft_learning_rate: float = 1e-3
     sft_warmup_steps: int = 20
     # GRPO on LoRA adapters over the warm-started model.
-    grpo_steps: int = 60
+    grpo_steps: int = 40
     grpo_batch_size: int = 8
     group_size: int = 8
     grpo_learning_rate: float = 1e-4
     grpo_warmup_steps: int = 5
     temperature: float = 1.0
     beta: float = 0.04
-    rewards: tuple[str, ...] = ("correctness", "integer", "strict_format")
-    max_completion_tokens: int = 48
+    rewards: tuple[str, ...] = ("correctness", "strict_format")
+    max_completion_tokens: int = 64
     lora_rank: int = 16
     # Held-out evaluation, and how many of its questions the before/after table shows.
     eval_limit: int = 200

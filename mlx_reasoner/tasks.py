@@ -1,11 +1,12 @@
-"""Built-in offline tasks: seeded generators of short problems with verifiable integer answers.
+"""Built-in offline tasks: seeded generators of short problems with verifiable answers.
 
-This module owns the task registry (``task:arithmetic``, ``task:letter-count``), the problem
-templates and their worked reasoning traces, and the held-out rule. Example ``i`` of a task under
-a seed is a pure function of (task, seed, i), so a task is reproducible and unlimited in size.
+This module owns the task registry (``task:arithmetic``, ``task:letter-count``,
+``task:parity``), the problem templates and their worked reasoning traces, and the held-out
+rule. Example ``i`` of a task under a seed is a pure function of (task, seed, i), so a task is
+reproducible and unlimited in size.
 A question is held out when a stable hash of its text says so, whatever the seed or size, so
-training and test questions never overlap. Questions are kept short and answers small so that a
-tiny model can learn them in minutes on a CPU.
+training and test questions never overlap. Questions are kept short and answers small (integers,
+or "even"/"odd" for parity) so that a tiny model can learn them in minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -333,44 +334,53 @@ def _letter_count_questions() -> Iterator[str]:
                 yield letter_count_example(word, letter, template).question
 
 
-# --- count-z ----------------------------------------------------------------------------------
+# --- parity -------------------------------------------------------------------------------------
 
-# The offline demo's task: small enough for a model trained from scratch in a minute on a CPU.
-# None of these letters occurs in the built-in system prompt, so counting z's in the context
-# counts them in the question alone.
-COUNT_Z_LENGTH = 8
-COUNT_Z_MAX = 5
-_COUNT_Z_OTHERS = "xqkv"
-# Share of traces that work the count out character by character; the rest answer directly.
-COUNT_Z_WORKED_SHARE = 0.1
+# The offline demo's task: is the number of z's among 16 random letters even or odd? A model
+# this small cannot see that at a glance (it stays at a coin toss), but it can work it out
+# letter by letter: the parity so far, one bit per letter, flips at every z. Its warm start
+# shows both styles, so GRPO has a better one to select.
+PARITY_LENGTH = 16
+PARITY_MAX_Z = 9
+_PARITY_OTHERS = "xqkv"
+# Share of traces that work the parity out; the rest answer at a glance.
+PARITY_WORKED_SHARE = 0.3
+PARITY_GLANCE = "At a glance."
 
 
-def count_z_example(letters: str, worked: bool) -> Example:
-    """The count-z problem for one string, with a worked or a direct trace.
+def parity_example(letters: str, worked: bool) -> Example:
+    """The parity problem for one string, with a worked or an at-a-glance trace.
 
-    >>> example = count_z_example("xzzqkzvx", worked=True)
+    >>> example = parity_example("xzzqkzvx", worked=True)
     >>> example.question, example.reasoning, example.answer
-    ('Count z: xzzqkzvx', '01222333', '3')
-    >>> count_z_example("xzzqkzvx", worked=False).reasoning
-    'Counting.'
+    ('Even or odd number of z: xzzqkzvx', '001000111', 'odd')
+    >>> parity_example("xzzqkzvx", worked=False).reasoning
+    'At a glance.'
     """
-    running, count = [], 0
+    # The worked trace is the parity so far: 0 (even) before the first letter, then one bit
+    # after each letter. The leading 0 lets the choice of style come before the first letter's
+    # bit, so choosing to work it out cannot get that bit wrong.
+    odd = 0
+    bits = [str(odd)]
     for char in letters:
-        count += char == "z"
-        running.append(str(count))
-    # The worked trace is the running count, one digit per character of the question.
-    reasoning = "".join(running) if worked else "Counting."
-    return Example(question=f"Count z: {letters}", answer=str(count), reasoning=reasoning)
-
-
-def _count_z(rng: random.Random) -> Example:
-    """Eight letters over x, q, k, v and z, with 0-5 z's (uniform) at random places."""
-    count = rng.randrange(COUNT_Z_MAX + 1)
-    places = set(rng.sample(range(COUNT_Z_LENGTH), count))
-    letters = "".join(
-        "z" if i in places else rng.choice(_COUNT_Z_OTHERS) for i in range(COUNT_Z_LENGTH)
+        odd ^= char == "z"
+        bits.append(str(odd))
+    reasoning = "".join(bits) if worked else PARITY_GLANCE
+    return Example(
+        question=f"Even or odd number of z: {letters}",
+        answer="odd" if odd else "even",
+        reasoning=reasoning,
     )
-    return count_z_example(letters, worked=rng.random() < COUNT_Z_WORKED_SHARE)
+
+
+def _parity(rng: random.Random) -> Example:
+    """Sixteen letters over x, q, k, v and z, with 0-9 z's (uniform) at random places."""
+    count = rng.randrange(PARITY_MAX_Z + 1)
+    places = set(rng.sample(range(PARITY_LENGTH), count))
+    letters = "".join(
+        "z" if i in places else rng.choice(_PARITY_OTHERS) for i in range(PARITY_LENGTH)
+    )
+    return parity_example(letters, worked=rng.random() < PARITY_WORKED_SHARE)
 
 
 TASKS: dict[str, Task] = {
@@ -388,9 +398,9 @@ TASKS: dict[str, Task] = {
             _letter_count_questions,
         ),
         Task(
-            "count-z",
-            "how many z's are in 8 random letters (the offline demo's task)",
-            _count_z,
+            "parity",
+            "whether 16 random letters hold an even or odd number of z's (the demo's task)",
+            _parity,
         ),
     ]
 }

@@ -13,6 +13,7 @@ from mlx_reasoner.data import Example, load_examples, normalize_question
 from mlx_reasoner.errors import ReasonerError
 from mlx_reasoner.rewards import REWARDS
 from mlx_reasoner.tasks import (
+    PARITY_GLANCE,
     TASKS,
     WORDS,
     Task,
@@ -175,8 +176,8 @@ def test_arithmetic_varies_names_items_and_shapes(samples):
     assert any(" of " in q for q in questions) and any(" in each." in q for q in questions)
 
 
-# count-z's direct traces ("Counting.") do not state the answer; it has its own test below.
-CONCLUDING_TASKS = sorted(name for name in TASKS if name != "count-z")
+# parity answers "even" or "odd" and most of its traces do not state it; it has its own test below.
+CONCLUDING_TASKS = sorted(name for name in TASKS if name != "parity")
 
 
 @pytest.mark.parametrize("name", CONCLUDING_TASKS)
@@ -313,18 +314,20 @@ def test_load_examples_generates_task_examples():
     )
 
 
-def test_count_z_counts_the_zs_and_one_trace_in_ten_works_it_out(samples):
-    examples = samples["count-z"]
-    worked = [e for e in examples if e.reasoning != "Counting."]
+def test_parity_answers_and_three_traces_in_ten_work_it_out(samples):
+    examples = samples["parity"]
+    worked = [e for e in examples if e.reasoning != PARITY_GLANCE]
     for example in examples:
-        letters = example.question.removeprefix("Count z: ")
-        assert len(letters) == 8 and set(letters) <= set("xqkvz")
-        assert example.answer == str(letters.count("z"))
+        letters = example.question.removeprefix("Even or odd number of z: ")
+        assert len(letters) == 16 and set(letters) <= set("xqkvz")
+        assert letters.count("z") <= 9
+        assert example.answer == ("odd" if letters.count("z") % 2 else "even")
     for example in worked:
-        letters = example.question.removeprefix("Count z: ")
-        # One running-count digit per letter, ending at the answer.
+        letters = example.question.removeprefix("Even or odd number of z: ")
+        # The parity of the z's so far: 0 before the first letter, then one bit per letter.
         assert example.reasoning == "".join(
-            str(letters[: i + 1].count("z")) for i in range(len(letters))
+            str(letters[:i].count("z") % 2) for i in range(len(letters) + 1)
         )
-    assert 0.03 < len(worked) / len(examples) < 0.2
-    assert {e.answer for e in examples} == {str(k) for k in range(6)}
+    assert 0.2 < len(worked) / len(examples) < 0.4
+    answers = [e.answer for e in examples]
+    assert 0.4 < answers.count("odd") / len(answers) < 0.6
