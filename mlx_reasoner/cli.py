@@ -240,9 +240,7 @@ def strawberry_test(model, adapter_path, system_prompt, max_completion_tokens, a
         console.print(f"[bold]score:[/bold] {score_line(results)}")
 
 
-# Hidden until its recipe honestly shows GRPO beating SFT alone on most seeds; the pipeline runs
-# (about 2 minutes) but GRPO does not yet add reliably; see docs/demo-research.md, finding 9.
-@main.command(hidden=True)
+@main.command()
 @click.option(
     "--run-dir",
     default="runs/demo",
@@ -252,11 +250,12 @@ def strawberry_test(model, adapter_path, system_prompt, max_completion_tokens, a
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Random seed.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def demo(run_dir, seed, debug):
-    """(Experimental) Offline: a tiny model from scratch through SFT and GRPO, on a CPU.
+    """Offline, in a few minutes: a tiny model from scratch learns to reason with SFT + GRPO.
 
-    Builds a tiny Qwen2-architecture model from scratch, teaches it the reasoning format with
-    a short SFT on a built-in task's worked traces, runs GRPO, and compares held-out accuracy
-    after SFT and after GRPO, ending with the strawberry test before and after.
+    Builds a tiny Qwen2-architecture model and tokenizer from scratch, warm-starts it on a
+    built-in task (task:parity) until it follows the reasoning format, runs GRPO on LoRA
+    adapters, and compares held-out accuracy after the warm start and after GRPO, ending with
+    strawberry-style before/after panels. Writes summary.json in --run-dir.
     """
     from .demo import run_demo
 

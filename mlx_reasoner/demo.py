@@ -124,6 +124,10 @@ class DemoRecipe:
     # Held-out evaluation, and how many of its questions the before/after table shows.
     eval_limit: int = 200
     showcase: int = 8
+    trace_note: str = (
+        "A worked answer writes the parity so far: 0 before the first letter, then one bit "
+        "per letter (1 = an odd number of z's so far)."
+    )
     expected_minutes: float = 3.0
 
 
@@ -332,6 +336,7 @@ def run_demo(
         f"{majority_count / len(held_out):.1%}."
     )
     console.rule("4. before and after GRPO, question by question")
+    console.print(recipe.trace_note)
     showcase = {name: r.samples[: recipe.showcase] for name, r in results.items()}
     console.print(strawberry_view(showcase))
     console.print(f"[bold]score:[/bold] {score_line(showcase)}")
