@@ -67,6 +67,11 @@ class BenchConfig:
     grad_checkpoint: bool = _opt(
         False, "Recompute block activations in the backward pass (less memory, slower)."
     )
+    share_prompts: bool = _opt(
+        True,
+        "Training pass: run each prompt once for its whole group (models that allow it, "
+        "not with --grad-checkpoint).",
+    )
     memory_limit_gb: float | None = _opt(
         None, "Cap the memory MLX may use, in GB (default: MLX's own limit).", above=0
     )
@@ -177,7 +182,7 @@ def bench_steps(
     from .loss import LossConfig
     from .rewards import score_completions
     from .rollout import generate_groups
-    from .trainer import GradientComputer, make_optimizer, policy_update
+    from .trainer import GradientComputer, make_optimizer, policy_update, use_shared_prompts
 
     train_config = config.train_config(beta)
     group = config.group_size
@@ -185,7 +190,13 @@ def bench_steps(
     loss_config = LossConfig(
         train_config.epsilon, train_config.epsilon_high, beta, config.loss_type
     )
-    grads = GradientComputer(model, loss_config, config.temperature, compile=config.compile)
+    grads = GradientComputer(
+        model,
+        loss_config,
+        config.temperature,
+        compile=config.compile,
+        share_prompts=use_shared_prompts(model, train_config),
+    )
     sampler = make_sampler(config.temperature)
     stop_tokens = None if config.ignore_eos else [[t] for t in sorted(tokenizer.eos_token_ids)]
     answers = [ex.answer for ex in examples for _ in range(group)]

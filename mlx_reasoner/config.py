@@ -89,6 +89,11 @@ class RunConfig:
     grad_checkpoint: bool = _opt(
         False, "Recompute block activations in the backward pass (less memory, slower)."
     )
+    share_prompts: bool = _opt(
+        True,
+        "Training pass: run each prompt once for its whole group (models that allow it, "
+        "not with --grad-checkpoint).",
+    )
     memory_limit_gb: float | None = _opt(
         None, "Cap the memory MLX may use, in GB (default: MLX's own limit).", above=0
     )

@@ -43,8 +43,14 @@ class Normalizer:
 class PackedBatch:
     """Prompt + completion sequences laid out for one forward pass.
 
-    Each row is ``prompt + completion`` right-padded; padding at the end never affects
-    earlier positions under a causal mask.
+    Two layouts share this class:
+
+    - *packed* (``pack_sequences``): each row is ``prompt + completion``, right-padded;
+      padding at the end never affects earlier positions under a causal mask.
+    - *shared prompt* (``pack_groups``): each distinct prompt (all but its last token) is a
+      row of ``prefix``, left-padded, and runs through the model once; each completion row
+      of ``tokens`` is the prompt's last token followed by the completion, and attends to
+      its prompt's keys and values. A group of G completions then costs one prompt, not G.
     """
 
     tokens: mx.array  # [B, L] int32
@@ -52,11 +58,21 @@ class PackedBatch:
     targets: mx.array  # [B, T] int32: the completion tokens, as generated
     mask: mx.array  # [B, T] float32: 1 for real completion tokens
     advantages: mx.array  # [B] float32
+    prefix: mx.array | None = None  # [N, P] int32: prompts minus their last token, left-padded
+    prefix_start: mx.array | None = None  # [N] int32: where each prefix's real tokens begin
+    group_of: mx.array | None = None  # [B] int32: the prefix row each completion continues
+
+    @property
+    def shares_prompts(self) -> bool:
+        return self.prefix is not None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def slice(self, start: int, stop: int) -> "PackedBatch":
+        """Rows ``start:stop`` of a packed batch."""
+        if self.shares_prompts:
+            raise ValueError("slice() takes a packed batch; pack the groups again instead")
         return PackedBatch(
             self.tokens[start:stop],
             self.positions[start:stop],
@@ -115,6 +131,117 @@ def pack_sequences(
     )
 
 
+def pack_groups(
+    prompts: Sequence[Sequence[int]],
+    group_of: Sequence[int],
+    completion_ids: Sequence[Sequence[int]],
+    advantages: np.ndarray,
+    pad_multiple: int = 16,
+) -> PackedBatch:
+    """Lay out completions in the shared-prompt layout (see ``PackedBatch``).
+
+    Args:
+        prompts: the distinct prompts' token ids (at least one token each).
+        group_of: per completion, the index of its prompt in ``prompts``.
+        completion_ids: per completion, the generated token ids (EOS included if emitted).
+        advantages: ``[B]`` advantage per completion.
+        pad_multiple: prefix and completion widths are rounded up to this.
+
+    Returns:
+        A ``PackedBatch`` whose ``prefix`` is set.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    batch = len(completion_ids)
+    width = _round_up(max(len(p) - 1 for p in prompts), pad_multiple)
+    prefix = np.zeros((len(prompts), width), dtype=np.int32)
+    prefix_start = np.zeros(len(prompts), dtype=np.int32)
+    for row, prompt in enumerate(prompts):
+        body = list(prompt[:-1])
+        prefix_start[row] = width - len(body)
+        prefix[row, prefix_start[row] :] = body
+    max_completion = _round_up(max(len(c) for c in completion_ids), pad_multiple)
+    tokens = np.zeros((batch, max_completion), dtype=np.int32)
+    targets = np.zeros((batch, max_completion), dtype=np.int32)
+    mask = np.zeros((batch, max_completion), dtype=np.float32)
+    for row, (group, completion) in enumerate(zip(group_of, completion_ids)):
+        n = len(completion)
+        # Position j holds the token before completion token j: the prompt's last token, then
+        # the completion's own.
+        tokens[row, :n] = [prompts[group][-1], *completion[:-1]]
+        targets[row, :n] = completion
+        mask[row, :n] = 1.0
+    positions = np.broadcast_to(np.arange(max_completion, dtype=np.int32), (batch, max_completion))
+    return PackedBatch(
+        mx.array(tokens),
+        mx.array(positions),
+        mx.array(targets),
+        mx.array(mask),
+        mx.array(np.asarray(advantages, dtype=np.float32)),
+        prefix=mx.array(prefix),
+        prefix_start=mx.array(prefix_start),
+        group_of=mx.array(np.asarray(group_of, dtype=np.int32)),
+    )
+
+
+class _PrefixCache:
+    """Stands in for an mlx-lm KV cache in the prefix pass: keeps the layer's keys/values."""
+
+    offset = 0
+
+    def __init__(self, mask: mx.array):
+        self.mask = mask
+        self.keys = self.values = None
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None) -> mx.array:
+        return self.mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self.keys, self.values = keys, values
+        return keys, values
+
+
+class _SharedPrefixCache:
+    """Stands in for an mlx-lm KV cache in the completion pass: each row's keys/values are its
+    prompt's (from the prefix pass, differentiably) followed by its own."""
+
+    def __init__(self, prefix: _PrefixCache, group_of: mx.array, mask: mx.array):
+        self.prefix, self.group_of, self.mask = prefix, group_of, mask
+        self.offset = prefix.keys.shape[2]
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None) -> mx.array:
+        return self.mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        return (
+            mx.concatenate([self.prefix.keys[self.group_of], keys], axis=2),
+            mx.concatenate([self.prefix.values[self.group_of], values], axis=2),
+        )
+
+
+def _shared_prompt_hidden(model: nn.Module, batch: PackedBatch) -> mx.array:
+    """Final hidden states at each completion position, in the shared-prompt layout."""
+    width, length = batch.prefix.shape[1], batch.tokens.shape[1]
+    key = mx.arange(width)
+    # Prefix pass: causal over real tokens; a padding query sees only itself (never a NaN).
+    real = key[None, None, :] >= batch.prefix_start[:, None, None]  # [N, 1, P]
+    causal = key[None, :] <= key[:, None]  # [P, P]
+    prefix_mask = ((causal[None] & real) | mx.eye(width, dtype=mx.bool_)[None])[:, None]
+    # Completion pass: the row's real prompt tokens, then causal over its own tokens.
+    start = batch.prefix_start[batch.group_of]
+    to_prefix = mx.broadcast_to(
+        key[None, None, :] >= start[:, None, None], (len(batch), length, width)
+    )
+    own = mx.arange(length)
+    to_self = mx.broadcast_to(own[None, :] <= own[:, None], (len(batch), length, length))
+    completion_mask = mx.concatenate([to_prefix, to_self], axis=2)[:, None]
+
+    caches = [_PrefixCache(prefix_mask) for _ in model.layers]
+    model.model(batch.prefix, cache=caches)
+    shared = [_SharedPrefixCache(cache, batch.group_of, completion_mask) for cache in caches]
+    return model.model(batch.tokens, cache=shared)
+
+
 def output_head(model: nn.Module) -> tuple[nn.Module, Callable[[mx.array], mx.array]]:
     """The module holding the output weights, and the projection from hidden states to logits
     (``lm_head``, or the tied input embeddings used as a linear layer)."""
@@ -132,6 +259,29 @@ def _chunk_logprobs(head: Callable, temperature: float):
     return fn
 
 
+def shared_prompts_supported(model: nn.Module, tolerance: float = 0.05) -> bool:
+    """Whether ``model`` gives the same log-probabilities in both layouts.
+
+    The shared-prompt layout drives the attention through stand-in KV caches, which works for
+    the mlx-lm models that follow its cache protocol (Qwen2, Llama, Mistral and most others).
+    This runs two short prompts of different lengths, with two completions each, both ways.
+    """
+    prompts = [[3, 5, 7, 11, 13], [17, 19]]
+    completions = [[23, 29, 31], [37], [41, 43], [47, 53, 59, 61]]
+    group_of = [0, 0, 1, 1]
+    zeros = np.zeros(len(completions))
+    try:
+        packed = pack_sequences([prompts[g] for g in group_of], completions, zeros, pad_multiple=4)
+        shared = pack_groups(prompts, group_of, completions, zeros, pad_multiple=4)
+        width = packed.targets.shape[1]
+        reference = completion_logprobs(model, packed)
+        candidate = completion_logprobs(model, shared)[:, :width]
+        gap = mx.max(mx.abs(reference - candidate) * packed.mask).item()
+    except Exception:  # any model the stand-in caches do not fit: use the packed layout
+        return False
+    return bool(np.isfinite(gap) and gap <= tolerance)
+
+
 def completion_logprobs(
     model: nn.Module,
     batch: PackedBatch,
@@ -147,15 +297,20 @@ def completion_logprobs(
 
     Args:
         model: an mlx-lm causal LM exposing ``model.model`` (the decoder stack).
-        batch: the packed sequences.
+        batch: the sequences, in either layout (see ``PackedBatch``). The shared-prompt layout
+            needs a model whose attention uses mlx-lm's cache protocol
+            (``shared_prompts_supported`` checks).
         temperature: logits are divided by it, matching the sampling distribution.
         chunk_size: completion positions projected at a time.
 
     Returns:
         ``[B, T]`` float32 log-probabilities (garbage where ``batch.mask`` is 0).
     """
-    hidden = model.model(batch.tokens)  # [B, L, H]
-    hidden = mx.take_along_axis(hidden, batch.positions[..., None], axis=1)  # [B, T, H]
+    if batch.shares_prompts:
+        hidden = _shared_prompt_hidden(model, batch)  # [B, T, H]
+    else:
+        hidden = model.model(batch.tokens)  # [B, L, H]
+        hidden = mx.take_along_axis(hidden, batch.positions[..., None], axis=1)  # [B, T, H]
     head_module, head = output_head(model)
     chunk_fn = _chunk_logprobs(head, temperature)
     pieces = []

@@ -22,7 +22,9 @@ from .loss import (
     PackedBatch,
     completion_logprobs,
     grpo_loss,
+    pack_groups,
     pack_sequences,
+    shared_prompts_supported,
 )
 from .model import adapters_disabled
 from .rollout import Rollouts, generate_groups
@@ -66,9 +68,17 @@ class GradientComputer:
     """Loss and gradients of one micro-batch, optionally ``mx.compile``d over the model state."""
 
     def __init__(
-        self, model: nn.Module, loss_config: LossConfig, temperature: float, compile: bool = True
+        self,
+        model: nn.Module,
+        loss_config: LossConfig,
+        temperature: float,
+        compile: bool = True,
+        share_prompts: bool = False,
     ):
+        """``share_prompts``: lay micro-batches out so each prompt runs once per micro-batch
+        (``loss.pack_groups``); only for models ``shared_prompts_supported`` accepts."""
         self.model = model
+        self.share_prompts = share_prompts
 
         def loss_fn(model, inputs: dict[str, mx.array]):
             batch = PackedBatch(
@@ -77,6 +87,9 @@ class GradientComputer:
                 inputs["targets"],
                 inputs["mask"],
                 inputs["advantages"],
+                inputs.get("prefix"),
+                inputs.get("prefix_start"),
+                inputs.get("group_of"),
             )
             logp = completion_logprobs(model, batch, temperature)
             norm = Normalizer(
@@ -113,6 +126,10 @@ class GradientComputer:
             "num_tokens": mx.array(norm.num_tokens, mx.float32),
             "max_completion_tokens": mx.array(norm.max_completion_tokens, mx.float32),
         }
+        if batch.shares_prompts:
+            inputs.update(
+                prefix=batch.prefix, prefix_start=batch.prefix_start, group_of=batch.group_of
+            )
         if old_logp is not None:
             inputs["old_logp"] = old_logp
         if ref_logp is not None:
@@ -129,16 +146,44 @@ class UpdateStats:
     skipped: bool = False
 
 
-def micro_batches(rollouts: Rollouts, advantages: np.ndarray, size: int) -> list[PackedBatch]:
-    """Pack the step's completions into micro-batches of ``size``, each padded tightly."""
-    return [
-        pack_sequences(
-            rollouts.prompt_ids[i : i + size],
-            rollouts.completion_ids[i : i + size],
-            advantages[i : i + size],
-        )
-        for i in range(0, len(rollouts), size)
-    ]
+def use_shared_prompts(model: nn.Module, config) -> bool:
+    """The training pass's layout: shared prompts when asked for and the model allows it.
+
+    mlx-lm's block checkpointing (``--grad-checkpoint``) cannot take the stand-in caches the
+    shared layout passes through each block, so it always gets the packed layout.
+    """
+    if not config.share_prompts or config.grad_checkpoint:
+        return False
+    return shared_prompts_supported(model)
+
+
+def micro_batches(
+    rollouts: Rollouts, advantages: np.ndarray, size: int, share_prompts: bool = False
+) -> list[PackedBatch]:
+    """Pack the step's completions into micro-batches of ``size``, each padded tightly.
+
+    With ``share_prompts``, each micro-batch holds every prompt its completions continue once
+    (``pack_groups``); otherwise each completion carries its own copy (``pack_sequences``).
+    """
+    batches = []
+    for start in range(0, len(rollouts), size):
+        rows = range(start, min(start + size, len(rollouts)))
+        completions = [rollouts.completion_ids[i] for i in rows]
+        if share_prompts:
+            # Completion i continues prompt i // group_size.
+            first = start // rollouts.group_size
+            group_of = [i // rollouts.group_size - first for i in rows]
+            prompts = [
+                rollouts.prompt_ids[(first + g) * rollouts.group_size]
+                for g in range(group_of[-1] + 1)
+            ]
+            batches.append(
+                pack_groups(prompts, group_of, completions, advantages[rows.start : rows.stop])
+            )
+        else:
+            prompts = [rollouts.prompt_ids[i] for i in rows]
+            batches.append(pack_sequences(prompts, completions, advantages[rows.start : rows.stop]))
+    return batches
 
 
 def logprobs_no_grad(model: nn.Module, batches: Sequence[PackedBatch], temperature: float):
@@ -163,7 +208,9 @@ def policy_update(
     The reference (adapters off) and, for several iterations, the old-policy log-probs are
     computed once, before the first update; gradients accumulate over micro-batches.
     """
-    batches = micro_batches(rollouts, advantages, config.micro_batch_size)
+    batches = micro_batches(
+        rollouts, advantages, config.micro_batch_size, grad_computer.share_prompts
+    )
     norm = Normalizer(
         len(rollouts), max(rollouts.generated_tokens, 1), config.max_completion_tokens
     )
@@ -384,7 +431,13 @@ def train(
     optimizer = optimizer or make_optimizer(config, config.num_iterations)
     hooks = hooks or StepHooks(config, display)
     loss_config = LossConfig(config.epsilon, config.epsilon_high, config.beta, config.loss_type)
-    grads = GradientComputer(model, loss_config, config.temperature, compile=config.compile)
+    grads = GradientComputer(
+        model,
+        loss_config,
+        config.temperature,
+        compile=config.compile,
+        share_prompts=use_shared_prompts(model, config),
+    )
     sampler = make_sampler(
         config.temperature, top_p=config.top_p, min_p=config.min_p, top_k=config.top_k
     )

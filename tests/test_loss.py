@@ -20,7 +20,9 @@ from mlx_reasoner.loss import (
     clipped_surrogate,
     completion_logprobs,
     grpo_loss,
+    pack_groups,
     pack_sequences,
+    shared_prompts_supported,
     token_kl,
 )
 
@@ -532,6 +534,32 @@ def test_packed_batch_slice():
     assert np.array(part.advantages).tolist() == [2.0, 3.0]
 
 
+def test_pack_groups_layout():
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    completions = [[7, 8], [9], [10, 11, 12]]
+    batch = pack_groups(prompts, [0, 0, 1], completions, np.array([1.0, -1, 0]), pad_multiple=4)
+
+    assert batch.shares_prompts and len(batch) == 3
+    # Each prompt once, all but its last token, left-padded to a multiple of 4.
+    assert np.array(batch.prefix).tolist() == [[0, 1, 2, 3], [0, 0, 0, 5]]
+    assert np.array(batch.prefix_start).tolist() == [1, 3]
+    assert np.array(batch.group_of).tolist() == [0, 0, 1]
+    # Each completion row: its prompt's last token, then the completion but its last token.
+    assert np.array(batch.tokens).tolist() == [[4, 7, 0, 0], [4, 0, 0, 0], [6, 10, 11, 0]]
+    assert np.array(batch.targets).tolist() == [[7, 8, 0, 0], [9, 0, 0, 0], [10, 11, 12, 0]]
+    assert np.array(batch.mask).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]]
+    assert np.array(batch.positions).tolist() == [[0, 1, 2, 3]] * 3
+    assert np.array(batch.advantages).tolist() == [1.0, -1.0, 0.0]
+    with pytest.raises(ValueError, match="slice"):
+        batch.slice(0, 1)
+    with pytest.raises(ValueError, match="at least one token"):
+        pack_groups([[]], [0], [[1]], np.zeros(1))
+    # A one-token prompt has an empty prefix: all padding.
+    batch = pack_groups([[3]], [0, 0], [[4, 5], [6]], np.zeros(2), pad_multiple=4)
+    assert np.array(batch.prefix_start).tolist() == [4]
+    assert np.array(batch.tokens).tolist() == [[3, 4, 0, 0], [3, 0, 0, 0]]
+
+
 # --- completion_logprobs on a tiny random model --------------------------------------------
 
 VOCAB = 64
@@ -587,6 +615,61 @@ def test_completion_logprobs_match_full_logits(tie, temperature, chunk_size):
     expected = reference_logprobs(model, PROMPTS, COMPLETIONS, temperature)
     for row, exp_row in enumerate(expected):
         np.testing.assert_allclose(got[row, : len(exp_row)], exp_row, rtol=1e-5, atol=1e-5)
+
+
+# Two completions per prompt, prompts of different lengths (so the prefixes are left-padded).
+GROUP_OF = [0, 0, 1, 1, 2, 2]
+GROUP_COMPLETIONS = [[11, 12, 13, 14, 15], [16, 17], [18, 19, 20], [21], [22, 23], [24, 25, 26]]
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "lm_head"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("pad_multiple", [1, 16])
+def test_shared_prompt_logprobs_match_full_logits(tie, temperature, pad_multiple):
+    model = tiny_qwen2(tie=tie)
+    batch = pack_groups(
+        PROMPTS, GROUP_OF, GROUP_COMPLETIONS, np.zeros(6), pad_multiple=pad_multiple
+    )
+    logp = completion_logprobs(model, batch, temperature=temperature, chunk_size=2)
+    assert logp.shape == batch.mask.shape
+    got = np.array(logp)
+    expected = reference_logprobs(
+        model, [PROMPTS[g] for g in GROUP_OF], GROUP_COMPLETIONS, temperature
+    )
+    for row, exp_row in enumerate(expected):
+        np.testing.assert_allclose(got[row, : len(exp_row)], exp_row, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "lm_head"])
+def test_shared_prompt_gradients_match_packed(tie):
+    model = tiny_qwen2(seed=4, tie=tie)
+    prompts = [PROMPTS[g] for g in GROUP_OF]
+    packed = pack_sequences(prompts, GROUP_COMPLETIONS, np.zeros(6), pad_multiple=4)
+    shared = pack_groups(PROMPTS, GROUP_OF, GROUP_COMPLETIONS, np.zeros(6), pad_multiple=4)
+    assert packed.targets.shape == shared.targets.shape
+    weights = mx.array(np.random.default_rng(5).normal(size=packed.mask.shape), dtype=mx.float32)
+    weights = weights * packed.mask
+
+    def objective(batch):
+        return lambda model: (completion_logprobs(model, batch, 0.7, chunk_size=2) * weights).sum()
+
+    value, grads = nn.value_and_grad(model, objective(shared))(model)
+    ref_value, ref_grads = nn.value_and_grad(model, objective(packed))(model)
+    assert value.item() == pytest.approx(ref_value.item(), rel=1e-5)
+    ref = dict(tree_flatten(ref_grads))
+    for name, grad in tree_flatten(grads):
+        np.testing.assert_allclose(np.array(grad), np.array(ref[name]), rtol=1e-4, atol=1e-6)
+    # Every prompt token's weights got gradient through the shared prefix pass.
+    assert np.abs(np.array(dict(tree_flatten(grads))["model.embed_tokens.weight"][2])).sum() > 0
+
+
+def test_shared_prompts_supported_only_where_the_layouts_agree():
+    model = tiny_qwen2()
+    assert shared_prompts_supported(model)
+    # A decoder that ignores the cache it is handed cannot share prompts.
+    decoder = model.model
+    model.model = lambda tokens, cache=None: decoder(tokens)
+    assert not shared_prompts_supported(model)
 
 
 def test_temperature_changes_logprobs():

@@ -5,7 +5,7 @@ import io
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from rich.console import Console
 
 from mlx_reasoner.advantages import group_advantages
@@ -229,3 +229,60 @@ def test_one_update_moves_probability_towards_positive_advantages(tiny_model, mi
     change = sequence_logprobs() - before
     assert float(advantages @ change) > 0
     assert change[advantages > 0].mean() > change[advantages < 0].mean()
+
+
+@pytest.mark.parametrize("micro_batch_size", [8, 3])
+def test_shared_prompt_layout_gives_the_same_update(tiny_model, micro_batch_size):
+    """One update in each layout, from the same adapters, with micro-batches that split a
+    group: the adapters end up the same (the KL term included)."""
+    import mlx.optimizers as optim
+
+    model, tokenizer = tiny_model
+    config = TrainConfig(
+        group_size=4,
+        max_completion_tokens=6,
+        beta=0.04,
+        lora_layers=-1,
+        micro_batch_size=micro_batch_size,
+    )
+    mx.random.seed(5)
+    attach_lora(model, lora_config(-1, 4))
+    model.update(
+        tree_map(lambda p: p + 0.02 * mx.random.normal(p.shape), model.trainable_parameters())
+    )
+    start = dict(tree_flatten(model.trainable_parameters()))
+    prompts = [tokenizer.encode("What is 2 + 2?"), tokenizer.encode("Count the r in 'rr'.")]
+    rng = np.random.default_rng(1)
+    completions = [rng.integers(3, 500, size=n).tolist() for n in (2, 5, 3, 6, 4, 1, 6, 2)]
+    rollouts = Rollouts(
+        group_size=4,
+        prompt_ids=[prompts[i // 4] for i in range(8)],
+        completion_ids=completions,
+        finish_reasons=["length"] * 8,
+        texts=[""] * 8,
+    )
+    advantages = group_advantages(np.array([1.0, 0.0, 0.5, 0.2, 0.0, 1.0, 0.3, 0.9]), 4)
+    after = {}
+    for shared in (False, True):
+        model.update(tree_unflatten(list(start.items())))
+        computer = GradientComputer(
+            model, LossConfig(beta=0.04), 1.0, compile=False, share_prompts=shared
+        )
+        stats = policy_update(
+            model, optim.SGD(learning_rate=0.1), computer, rollouts, advantages, config
+        )
+        assert not stats.skipped and stats.kl > 0
+        after[shared] = {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+    moved = [k for k in start if not np.allclose(after[False][k], np.array(start[k]))]
+    assert moved, "the update did not move the adapters"
+    for key in after[False]:
+        np.testing.assert_allclose(after[True][key], after[False][key], rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prompts_are_used_unless_asked_not_to_or_checkpointing(tiny_model):
+    from mlx_reasoner.trainer import use_shared_prompts
+
+    model, _ = tiny_model
+    assert use_shared_prompts(model, TrainConfig())
+    assert not use_shared_prompts(model, TrainConfig(share_prompts=False))
+    assert not use_shared_prompts(model, TrainConfig(grad_checkpoint=True))
