@@ -244,7 +244,8 @@ def bench_steps(
             "train_seconds": trained - scored,
             "step_seconds": trained - start,
             "rollout_tokens_per_s": rollouts.tokens_per_second,
-            # Every pass over the batch (num_iterations of them) processes each sequence once.
+            # Every pass over the batch (num_iterations of them) scores each sequence once; a
+            # prompt shared by its group is counted with every completion all the same.
             "train_tokens": sequence_tokens * config.num_iterations,
             "train_tokens_per_s": sequence_tokens * config.num_iterations / (trained - scored),
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
@@ -353,6 +354,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     from .prompts import encode_prompt, load_system_prompt
     from .rewards import resolve_rewards
     from .run import _versions, apply_memory_options, setup_model
+    from .trainer import use_shared_prompts
 
     config.validate()
     output = _prepare_output(config.output)
@@ -403,7 +405,9 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         }
 
     info = blas_info()
+    shared = use_shared_prompts(model, config.train_config())
     result.update(
+        train_layout="shared prompts" if shared else "packed",
         completion_tokens_per_step=records[-1]["completion_tokens"],
         prompt_tokens_per_step=records[-1]["prompt_tokens"],
         blas=info.name,
@@ -449,6 +453,7 @@ def bench_table(result: dict):
         title=f"mlx-reasoner bench: {result['model']} ({result['parameters']:,} parameters)",
         caption=(
             f"{shape}; medians of {result['measured_steps']} steps after a warm-up; "
+            f"training layout: {result['train_layout']}; "
             f"{result['device']}, {result['cpu_count']} cores, {result['blas']}"
         ),
     )

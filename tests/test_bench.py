@@ -63,12 +63,13 @@ def test_bench_cli_writes_every_figure(tiny_model_dir, tmp_path):
     assert figures["parameters"] > figures["trainable_parameters"] > 0
     assert figures["settings"]["beta"] == 0.04 and figures["settings"]["ignore_eos"] is True
     assert figures["measured_steps"] == 2
+    assert figures["train_layout"] == "shared prompts"  # a Qwen2 model takes it
     assert [r["warmup"] for r in figures["steps"]] == [True, False, False]
     for record in figures["steps"]:
         # Completions run to full length, in our rollout and in the raw engine alike.
         assert record["completion_tokens"] == batch * group * tokens
         assert record["engine_tokens"] == batch * group * tokens
-        # Each completion is trained on with its prompt in front (prompts repeat G times).
+        # Each completion is scored with its prompt in front (counted G times, though run once).
         assert record["train_tokens"] == group * record["prompt_tokens"] + batch * group * tokens
     assert figures["completion_tokens_per_step"] == batch * group * tokens
 
