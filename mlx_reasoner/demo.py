@@ -128,7 +128,7 @@ class DemoRecipe:
         "A worked answer writes the parity so far: 0 before the first letter, then one bit "
         "per letter (1 = an odd number of z's so far)."
     )
-    expected_minutes: float = 3.0
+    expected_minutes: float = 2.0
 
 
 def _summary_path(run_dir: Path) -> Path:

@@ -84,8 +84,8 @@ def test_short_demo_writes_the_summary_and_both_runs(tmp_path):
 
 @pytest.mark.slow
 def test_demo_grpo_lifts_held_out_accuracy_well_above_the_warm_start(tmp_path):
-    # The demo's model, warm start and GRPO settings; fewer GRPO steps and questions (about 2
-    # minutes on 2 cores). The warm start answers at a glance, a coin toss on parity; GRPO
+    # The demo's model, warm start and GRPO settings; fewer GRPO steps and questions (about
+    # 80 s on 2 cores). The warm start answers at a glance, a coin toss on parity; GRPO
     # makes the model work the parity out letter by letter.
     recipe = dataclasses.replace(DemoRecipe(), grpo_steps=30, eval_limit=100, showcase=2)
     with open(tmp_path / "out.txt", "w") as out:
