@@ -184,6 +184,14 @@ def pack_groups(
     )
 
 
+def _full_mask(mask: mx.array, window_size) -> mx.array:
+    if window_size is not None:
+        # Sliding-window attention needs a windowed mask; such models use the packed layout
+        # (``shared_prompts_supported`` sees this error and says no).
+        raise NotImplementedError("the shared-prompt layout has no sliding-window mask")
+    return mask
+
+
 class _PrefixCache:
     """Stands in for an mlx-lm KV cache in the prefix pass: keeps the layer's keys/values."""
 
@@ -194,7 +202,7 @@ class _PrefixCache:
         self.keys = self.values = None
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None) -> mx.array:
-        return self.mask
+        return _full_mask(self.mask, window_size)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self.keys, self.values = keys, values
@@ -210,7 +218,7 @@ class _SharedPrefixCache:
         self.offset = prefix.keys.shape[2]
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None) -> mx.array:
-        return self.mask
+        return _full_mask(self.mask, window_size)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         return (

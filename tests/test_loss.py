@@ -672,6 +672,18 @@ def test_shared_prompts_supported_only_where_the_layouts_agree():
     assert not shared_prompts_supported(model)
 
 
+def test_sliding_window_models_keep_the_packed_layout(monkeypatch):
+    from mlx_lm.models import base
+
+    model = tiny_qwen2()
+
+    def windowed(h, cache=None):
+        return base.create_attention_mask(h, cache, window_size=3)
+
+    monkeypatch.setattr(qwen2, "create_attention_mask", windowed)
+    assert not shared_prompts_supported(model)
+
+
 def test_temperature_changes_logprobs():
     model = tiny_qwen2()
     batch = pack_sequences(PROMPTS, COMPLETIONS, np.zeros(3), pad_multiple=4)
