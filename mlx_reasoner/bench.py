@@ -179,24 +179,14 @@ def bench_steps(
     from mlx_lm.sample_utils import make_sampler
 
     from .advantages import group_advantages
-    from .loss import LossConfig
     from .rewards import score_completions
     from .rollout import generate_groups
-    from .trainer import GradientComputer, make_optimizer, policy_update, use_shared_prompts
+    from .trainer import GradientComputer, make_optimizer, policy_update
 
     train_config = config.train_config(beta)
     group = config.group_size
     optimizer = make_optimizer(train_config, config.num_iterations)
-    loss_config = LossConfig(
-        train_config.epsilon, train_config.epsilon_high, beta, config.loss_type
-    )
-    grads = GradientComputer(
-        model,
-        loss_config,
-        config.temperature,
-        compile=config.compile,
-        share_prompts=use_shared_prompts(model, train_config),
-    )
+    grads = GradientComputer.for_config(model, train_config)
     sampler = make_sampler(config.temperature)
     stop_tokens = None if config.ignore_eos else [[t] for t in sorted(tokenizer.eos_token_ids)]
     answers = [ex.answer for ex in examples for _ in range(group)]
@@ -251,6 +241,7 @@ def bench_steps(
             "peak_memory_gb": mx.get_peak_memory() / 1e9,
             "loss": update.loss,
             "skipped_update": update.skipped,
+            "shared_prompts": grads.share_prompts,
         }
         if measure_engine:
             record.update(
@@ -354,7 +345,6 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     from .prompts import encode_prompt, load_system_prompt
     from .rewards import resolve_rewards
     from .run import _versions, apply_memory_options, setup_model
-    from .trainer import use_shared_prompts
 
     config.validate()
     output = _prepare_output(config.output)
@@ -405,9 +395,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         }
 
     info = blas_info()
-    shared = use_shared_prompts(model, config.train_config())
     result.update(
-        train_layout="shared prompts" if shared else "packed",
+        train_layout="shared prompts" if records[-1]["shared_prompts"] else "packed",
         completion_tokens_per_step=records[-1]["completion_tokens"],
         prompt_tokens_per_step=records[-1]["prompt_tokens"],
         blas=info.name,

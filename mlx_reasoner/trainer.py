@@ -114,6 +114,18 @@ class GradientComputer:
         state = [model.state, mx.random.state]
         self._step = mx.compile(step, inputs=state, outputs=state) if compile else step
 
+    @classmethod
+    def for_config(cls, model: nn.Module, config: TrainConfig) -> "GradientComputer":
+        """The computer ``config`` asks for: its loss, temperature, compilation and layout."""
+        loss_config = LossConfig(config.epsilon, config.epsilon_high, config.beta, config.loss_type)
+        return cls(
+            model,
+            loss_config,
+            config.temperature,
+            compile=config.compile,
+            share_prompts=use_shared_prompts(model, config),
+        )
+
     def __call__(self, batch: PackedBatch, norm: Normalizer, old_logp=None, ref_logp=None):
         inputs = {
             "tokens": batch.tokens,
@@ -430,14 +442,7 @@ def train(
 
     optimizer = optimizer or make_optimizer(config, config.num_iterations)
     hooks = hooks or StepHooks(config, display)
-    loss_config = LossConfig(config.epsilon, config.epsilon_high, config.beta, config.loss_type)
-    grads = GradientComputer(
-        model,
-        loss_config,
-        config.temperature,
-        compile=config.compile,
-        share_prompts=use_shared_prompts(model, config),
-    )
+    grads = GradientComputer.for_config(model, config)
     sampler = make_sampler(
         config.temperature, top_p=config.top_p, min_p=config.min_p, top_k=config.top_k
     )

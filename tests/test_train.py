@@ -183,6 +183,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
     assert any(mx.abs(v).sum().item() > 0 for v in plain.values())
 
 
+def perturbed_adapters_and_two_groups(model, tokenizer, seed: int):
+    """LoRA (rank 4, all blocks) nudged off zero so every adapter gets gradient, and one step's
+    rollouts: two prompts, groups of 4 completions of mixed lengths, and their advantages."""
+    mx.random.seed(seed)
+    attach_lora(model, lora_config(-1, 4))
+    model.update(
+        tree_map(lambda p: p + 0.02 * mx.random.normal(p.shape), model.trainable_parameters())
+    )
+    prompts = [tokenizer.encode("What is 2 + 2?"), tokenizer.encode("Count the r in 'rr', please.")]
+    rng = np.random.default_rng(seed)
+    completions = [rng.integers(3, 500, size=n).tolist() for n in (2, 5, 3, 6, 4, 1, 6, 2)]
+    rollouts = Rollouts(
+        group_size=4,
+        prompt_ids=[prompts[i // 4] for i in range(8)],
+        completion_ids=completions,
+        finish_reasons=["length"] * 8,
+        texts=[""] * 8,
+    )
+    advantages = group_advantages(np.array([1.0, 0.0, 0.5, 0.2, 0.0, 1.0, 0.3, 0.9]), 4)
+    return rollouts, advantages
+
+
 @pytest.mark.parametrize("micro_batch_size", [8, 3])
 def test_one_update_moves_probability_towards_positive_advantages(tiny_model, micro_batch_size):
     """End to end through packing, micro-batches (split across groups) and the update: after one
@@ -201,22 +223,8 @@ def test_one_update_moves_probability_towards_positive_advantages(tiny_model, mi
         micro_batch_size=micro_batch_size,
         max_grad_norm=0.0,
     )
-    mx.random.seed(3)
-    attach_lora(model, lora_config(-1, 4))
-    model.update(
-        tree_map(lambda p: p + 0.02 * mx.random.normal(p.shape), model.trainable_parameters())
-    )
-    prompts = [tokenizer.encode("What is 2 + 2?"), tokenizer.encode("Count the r in 'rr', please.")]
-    rng = np.random.default_rng(0)
-    completions = [rng.integers(3, 500, size=n).tolist() for n in (2, 5, 3, 6, 4, 1, 6, 2)]
-    rollouts = Rollouts(
-        group_size=4,
-        prompt_ids=[prompts[i // 4] for i in range(8)],
-        completion_ids=completions,
-        finish_reasons=["length"] * 8,
-        texts=[""] * 8,
-    )
-    advantages = group_advantages(np.array([1.0, 0.0, 0.5, 0.2, 0.0, 1.0, 0.3, 0.9]), 4)
+    rollouts, advantages = perturbed_adapters_and_two_groups(model, tokenizer, seed=3)
+    completions = rollouts.completion_ids
 
     def sequence_logprobs():
         batch = pack_sequences(rollouts.prompt_ids, completions, advantages)
@@ -245,23 +253,8 @@ def test_shared_prompt_layout_gives_the_same_update(tiny_model, micro_batch_size
         lora_layers=-1,
         micro_batch_size=micro_batch_size,
     )
-    mx.random.seed(5)
-    attach_lora(model, lora_config(-1, 4))
-    model.update(
-        tree_map(lambda p: p + 0.02 * mx.random.normal(p.shape), model.trainable_parameters())
-    )
+    rollouts, advantages = perturbed_adapters_and_two_groups(model, tokenizer, seed=5)
     start = dict(tree_flatten(model.trainable_parameters()))
-    prompts = [tokenizer.encode("What is 2 + 2?"), tokenizer.encode("Count the r in 'rr'.")]
-    rng = np.random.default_rng(1)
-    completions = [rng.integers(3, 500, size=n).tolist() for n in (2, 5, 3, 6, 4, 1, 6, 2)]
-    rollouts = Rollouts(
-        group_size=4,
-        prompt_ids=[prompts[i // 4] for i in range(8)],
-        completion_ids=completions,
-        finish_reasons=["length"] * 8,
-        texts=[""] * 8,
-    )
-    advantages = group_advantages(np.array([1.0, 0.0, 0.5, 0.2, 0.0, 1.0, 0.3, 0.9]), 4)
     after = {}
     for shared in (False, True):
         model.update(tree_unflatten(list(start.items())))
