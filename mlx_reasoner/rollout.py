@@ -1,8 +1,17 @@
-"""Rollout stage: sample a group of completions per prompt with mlx-lm's batched engine.
+"""Rollout stage: sample a group of completions per prompt, all of them decoding together.
 
 Each prompt is prefilled once; its KV cache is then handed to every member of its group,
-and all completions of the step decode together in one ``BatchGenerator`` batch. Token
-ids are kept exactly as sampled, so the loss scores the very tokens the policy produced.
+and all completions of the step decode together in one batch. Token ids are kept exactly
+as sampled, so the loss scores the very tokens the policy produced.
+
+Two decoders run the batch, both on mlx-lm's own model code and sampler:
+
+- the *compiled* decode (models with plain KV caches, checked once per model by
+  ``compiled_decode_supported``): the group's caches are laid into fixed-size buffers, so
+  every decode step has the same shapes and the whole step (model, log-softmax, sampling)
+  is one ``mx.compile``d graph, traced once per shape;
+- mlx-lm's ``BatchGenerator`` for every other model (sliding-window, quantized or
+  recurrent caches, or a model the check rejects).
 """
 
 import time
@@ -11,6 +20,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 @dataclass
@@ -61,6 +71,7 @@ def generate_groups(
     max_tokens: int,
     sampler: Callable[[mx.array], mx.array] | None = None,
     ignore_eos: bool = False,
+    compiled: bool | None = None,
 ) -> Rollouts:
     """Sample ``group_size`` completions for every prompt in one batched decode.
 
@@ -72,20 +83,48 @@ def generate_groups(
         max_tokens: completion length limit.
         sampler: from ``mlx_lm.sample_utils.make_sampler``; greedy when None.
         ignore_eos: keep going past EOS to ``max_tokens`` (benchmarks).
+        compiled: use the compiled fixed-shape decode (True), mlx-lm's ``BatchGenerator``
+            (False), or the compiled one where ``compiled_decode_supported`` (None).
 
     Returns:
         ``Rollouts`` with ``len(prompts) * group_size`` completions, grouped by prompt.
     """
-    from mlx_lm.generate import BatchGenerator
-
     start = time.perf_counter()
     eos_ids = sorted(tokenizer.eos_token_ids)
+    stop = frozenset() if ignore_eos else frozenset(eos_ids)
     caches = [prefill_prompt(model, p) for p in prompts]
+    if compiled is None:
+        compiled = all(len(p) > 1 for p in prompts) and compiled_decode_supported(model)
+    decode = _decode_compiled if compiled else _decode_batch_generator
+    completion_ids, finish_reasons = decode(
+        model, prompts, caches, group_size, max_tokens, sampler, stop
+    )
+    del caches
+    eos = set(eos_ids)
+    texts = [
+        tokenizer.decode(ids[:-1] if reason == "stop" and ids and ids[-1] in eos else ids)
+        for ids, reason in zip(completion_ids, finish_reasons)
+    ]
+    return Rollouts(
+        group_size=group_size,
+        prompt_ids=[p for p in map(list, prompts) for _ in range(group_size)],
+        completion_ids=completion_ids,
+        finish_reasons=finish_reasons,
+        texts=texts,
+        prompt_tokens=sum(len(p) for p in prompts),
+        generation_seconds=time.perf_counter() - start,
+    )
+
+
+def _decode_batch_generator(model, prompts, caches, group_size, max_tokens, sampler, stop):
+    """Decode every completion in one mlx-lm ``BatchGenerator`` batch."""
+    from mlx_lm.generate import BatchGenerator
+
     total = len(prompts) * group_size
     generator = BatchGenerator(
         model,
         max_tokens=max_tokens,
-        stop_tokens=None if ignore_eos else [[t] for t in eos_ids],
+        stop_tokens=[[t] for t in sorted(stop)] or None,
         sampler=sampler,
         completion_batch_size=total,
         prefill_batch_size=total,
@@ -106,20 +145,223 @@ def generate_groups(
                     reasons[response.uid] = response.finish_reason
     finally:
         generator.close()
-    del caches
-    completion_ids = [tokens[uid] for uid in uids]
-    finish_reasons = [reasons[uid] for uid in uids]
-    eos = set(eos_ids)
-    texts = [
-        tokenizer.decode(ids[:-1] if reason == "stop" and ids and ids[-1] in eos else ids)
-        for ids, reason in zip(completion_ids, finish_reasons)
-    ]
-    return Rollouts(
-        group_size=group_size,
-        prompt_ids=[p for p in map(list, prompts) for _ in range(group_size)],
-        completion_ids=completion_ids,
-        finish_reasons=finish_reasons,
-        texts=texts,
-        prompt_tokens=sum(len(p) for p in prompts),
-        generation_seconds=time.perf_counter() - start,
+    return [tokens[uid] for uid in uids], [reasons[uid] for uid in uids]
+
+
+# --- the compiled decode ---------------------------------------------------------------------
+
+# The fixed cache length is rounded up to this, so prompts of similar lengths share a trace.
+CACHE_MULTIPLE = 64
+
+
+class _FixedCache:
+    """Stands in for an mlx-lm ``KVCache`` at one decode step, over a fixed-size buffer.
+
+    Row ``r`` holds its prompt's keys and values left-padded to end at column ``write`` (the
+    column this step's token goes to); ``offset`` is each row's own position, which is what
+    RoPE sees, and ``mask`` hides the padding and the columns not yet written.
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array, write, offset, mask):
+        self.keys, self.values = keys, values
+        self.write, self.offset, self.mask = write, offset, mask
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None) -> mx.array:
+        if window_size is not None:
+            raise NotImplementedError("the compiled decode has no sliding-window mask")
+        return self.mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self.keys = mx.slice_update(self.keys, keys, self.write, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.write, axes=(2,))
+        return self.keys, self.values
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def _decode_step_fn(model: nn.Module, sampler: Callable):
+    """One decode step of every row: ``(tokens, keys, values, write, start) -> (next tokens,
+    log-probabilities, keys, values)``; ``start`` is where each row's prompt begins."""
+
+    def step(tokens, keys, values, write, start):
+        columns = mx.arange(keys[0].shape[2])
+        mask = (columns[None] >= start[:, None]) & (columns[None] <= write)
+        caches = [
+            _FixedCache(k, v, write, write - start, mask[:, None, None, :])
+            for k, v in zip(keys, values)
+        ]
+        logits = model(tokens[:, None], cache=caches)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return (
+            sampler(logprobs).astype(mx.uint32),
+            logprobs,
+            [c.keys for c in caches],
+            [c.values for c in caches],
+        )
+
+    return step
+
+
+class _DecoderCache:
+    """What the compiled decode knows of the last few models: whether each one passed
+    ``compiled_decode_supported``, and its compiled steps, one per sampler.
+
+    Entries are keyed by the model and its module layout, because ``adapters_disabled`` swaps
+    modules in and out: a trace made with the adapters on must not run with them off. Each
+    entry holds its model and samplers, so their ids stay theirs while it lives.
+    """
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: list[dict] = []
+
+    def entry(self, model: nn.Module) -> dict:
+        key = (id(model), tuple((name, type(m).__name__) for name, m in model.named_modules()))
+        for i, entry in enumerate(self.entries):
+            if entry["key"] == key:
+                self.entries.insert(0, self.entries.pop(i))
+                return entry
+        entry = {"key": key, "model": model, "supported": None, "steps": {}}
+        self.entries.insert(0, entry)
+        del self.entries[self.size :]
+        return entry
+
+    def step(self, model: nn.Module, sampler: Callable) -> Callable:
+        steps = self.entry(model)["steps"]
+        if id(sampler) not in steps:
+            fn = mx.compile(
+                _decode_step_fn(model, sampler),
+                inputs=[model.state, mx.random.state],
+                outputs=[mx.random.state],
+            )
+            steps[id(sampler)] = (sampler, fn)
+        return steps[id(sampler)][1]
+
+
+_DECODERS = _DecoderCache()
+
+
+def _fixed_buffers(caches: list[list], group_size: int, max_tokens: int):
+    """Lay each prompt's per-layer cache into fixed buffers of ``[rows, heads, length, dim]``.
+
+    Row ``i * group_size + g`` is prompt ``i``'s, left-padded so that every prompt ends at the
+    same column. Returns ``(keys, values, write, start)``: per-layer buffers, the first column
+    the decode writes, and each row's first prompt column.
+    """
+    lengths = [cache[0].offset for cache in caches]
+    write = max(lengths)
+    width = -(-(write + max_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+    start = mx.array([write - n for n in lengths for _ in range(group_size)], dtype=mx.int32)
+
+    def laid_out(arrays: list[mx.array]) -> mx.array:
+        # arrays: one [1, heads, >= length, dim] per prompt
+        rows = []
+        for array, length in zip(arrays, lengths):
+            _, heads, _, dim = array.shape
+            left = mx.zeros((1, heads, write - length, dim), array.dtype)
+            right = mx.zeros((1, heads, width - write, dim), array.dtype)
+            row = mx.concatenate([left, array[:, :, :length], right], axis=2)
+            rows.append(mx.broadcast_to(row, (group_size, heads, width, dim)))
+        return mx.concatenate(rows, axis=0)
+
+    keys, values = [], []
+    for layer in range(len(caches[0])):
+        keys.append(laid_out([c[layer].keys for c in caches]))
+        values.append(laid_out([c[layer].values for c in caches]))
+    mx.eval(keys, values, start)
+    return keys, values, write, start
+
+
+def _decode_compiled(model, prompts, caches, group_size, max_tokens, sampler, stop, step=None):
+    """Decode every completion with the compiled fixed-shape step (``_DecoderCache``).
+
+    The next step is queued before the last one's tokens are read, so the device never waits
+    on Python; decoding stops once every row has met a stop token or ``max_tokens``.
+    """
+    sampler = sampler or _greedy
+    step = step or _DECODERS.step(model, sampler)
+    keys, values, write, start = _fixed_buffers(caches, group_size, max_tokens)
+    rows = len(prompts) * group_size
+    completions = [[] for _ in range(rows)]
+    reasons: list[str | None] = [None] * rows
+    open_rows = rows
+
+    def take(tokens: list[int]) -> None:
+        nonlocal open_rows
+        for r, token in enumerate(tokens):
+            if reasons[r] is not None:
+                continue
+            completions[r].append(token)
+            if token in stop:
+                reasons[r] = "stop"
+            elif len(completions[r]) >= max_tokens:
+                reasons[r] = "length"
+            else:
+                continue
+            open_rows -= 1
+
+    tokens = mx.array([p[-1] for p in prompts for _ in range(group_size)], dtype=mx.uint32)
+    pending = None
+    for i in range(max_tokens):
+        tokens, _, keys, values = step(tokens, keys, values, mx.array(write + i), start)
+        mx.async_eval(tokens, keys, values)
+        if pending is not None:
+            take(pending.tolist())
+            if open_rows == 0:
+                break
+        pending = tokens
+    else:
+        take(pending.tolist())
+    return completions, reasons
+
+
+def compiled_decode_supported(model: nn.Module) -> bool:
+    """Whether ``model`` can run the compiled fixed-shape decode, and gives the same numbers.
+
+    It needs an ``nn.Module`` whose every layer uses a plain ``KVCache`` (no sliding window,
+    no quantized or recurrent state) and whose attention follows mlx-lm's cache protocol,
+    with per-row positions. The answer is checked once per model and module layout: two
+    prompts of different lengths decode three greedy tokens through the uncompiled step,
+    and the log-probabilities must match a full forward pass over each sequence (to 1e-3 in
+    float32, 0.05 in half precision).
+    """
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    if not isinstance(model, nn.Module):
+        return False
+    entry = _DECODERS.entry(model)
+    if entry["supported"] is None:
+        entry["supported"] = False
+        try:
+            if all(type(c) is KVCache for c in make_prompt_cache(model)):
+                entry["supported"] = _check_fixed_decode(model)
+        except Exception:  # any model the stand-in caches do not fit: use the BatchGenerator
+            pass
+    return entry["supported"]
+
+
+def _check_fixed_decode(model: nn.Module) -> bool:
+    prompts = [[3, 5, 7, 11, 13], [17, 19]]
+    caches = [prefill_prompt(model, p) for p in prompts]
+    step = _decode_step_fn(model, _greedy)
+    logprobs = []
+
+    def recording(tokens, keys, values, write, start):
+        out = step(tokens, keys, values, write, start)
+        logprobs.append(out[1])
+        return out
+
+    completions, _ = _decode_compiled(
+        model, prompts, caches, 1, 3, None, frozenset(), step=recording
     )
+    got = mx.stack(logprobs[:3], axis=1).astype(mx.float32)  # [rows, 3, vocab]
+    tolerance = 1e-3 if logprobs[0].dtype == mx.float32 else 0.05
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        full = model(mx.array(prompt + completion)[None])[0, len(prompt) - 1 : -1]
+        full = full - mx.logsumexp(full, axis=-1, keepdims=True)
+        gap = mx.max(mx.abs(full.astype(mx.float32) - got[row])).item()
+        if not (np.isfinite(gap) and gap <= tolerance):
+            return False
+    return True

@@ -127,3 +127,116 @@ def test_grouping_order(tiny_model, group_size):
     assert len(rollouts) == 3 * group_size
     for i, prompt in enumerate(rollouts.prompt_ids):
         assert prompt == prompts[i // group_size]
+
+
+def argmax_or_eos(eos_id: int, every: int = 3):
+    """Deterministic and EOS-prone: the argmax token, or EOS when the argmax id is a multiple of
+    ``every``. Both decoders then give the same tokens, and some rows stop early."""
+
+    def sample(logprobs):
+        best = mx.argmax(logprobs, axis=-1)
+        return mx.where(best % every == 0, eos_id, best)
+
+    return sample
+
+
+def test_compiled_decode_is_used_for_plain_kv_cache_models(tiny_model):
+    from mlx_reasoner.rollout import compiled_decode_supported
+
+    model, _ = tiny_model
+    assert compiled_decode_supported(model)
+    assert not compiled_decode_supported(CountingModel(model)), "not an nn.Module"
+
+
+def test_compiled_decode_is_refused_for_sliding_window_caches(tiny_model):
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from mlx_reasoner.rollout import compiled_decode_supported
+
+    model, tokenizer = tiny_model
+    model.make_cache = lambda: [RotatingKVCache(max_size=8) for _ in model.layers]
+    assert not compiled_decode_supported(model)
+    prompts = prompts_for(tokenizer, ["q?"])
+    rollouts = generate_groups(model, tokenizer, prompts, 2, 4)  # falls back, still decodes
+    assert [len(ids) for ids in rollouts.completion_ids] == [4, 4]
+
+
+def perturbed_adapters(model, scale: float = 0.5):
+    """LoRA on every block, moved away from zero: a random model's greedy output then varies."""
+    from mlx_reasoner.model import attach_lora, lora_config
+
+    attach_lora(model, lora_config(-1, 4))
+    move_adapters(model, scale)
+
+
+def move_adapters(model, scale: float):
+    from mlx.utils import tree_map
+
+    mx.random.seed(0)
+    model.update(
+        tree_map(lambda p: p + scale * mx.random.normal(p.shape), model.trainable_parameters())
+    )
+
+
+FOUR_QUESTIONS = ["short?", "a much longer question, padded differently?", "one?", "two?"]
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_compiled_decode_gives_the_batch_generators_tokens(tiny_model, group_size):
+    model, tokenizer = tiny_model
+    perturbed_adapters(model)
+    (eos_id,) = tokenizer.eos_token_ids
+    prompts = prompts_for(tokenizer, FOUR_QUESTIONS)
+    sampler = argmax_or_eos(eos_id, every=9)
+    engine, ours = [
+        generate_groups(model, tokenizer, prompts, group_size, 16, sampler, compiled=compiled)
+        for compiled in (False, True)
+    ]
+    assert ours.completion_ids == engine.completion_ids
+    assert ours.finish_reasons == engine.finish_reasons
+    assert ours.texts == engine.texts
+    assert set(ours.finish_reasons) == {"stop", "length"}, "the sampler should give both"
+
+
+def test_compiled_decode_samples_what_the_batch_generator_samples(tiny_model):
+    """Same seed, same sampler, no early stops: the same random draws, so the same tokens."""
+    from mlx_lm.sample_utils import make_sampler
+
+    model, tokenizer = tiny_model
+    prompts = prompts_for(tokenizer, ["one?", "and a second, longer one?"])
+    sampler = make_sampler(0.9)
+    results = []
+    for compiled in (False, True):
+        mx.random.seed(7)
+        results.append(
+            generate_groups(model, tokenizer, prompts, 4, 16, sampler, True, compiled=compiled)
+        )
+    assert results[1].completion_ids == results[0].completion_ids
+    assert len({tuple(ids) for ids in results[1].completion_ids}) > 1, "samples should differ"
+
+
+def test_compiled_decode_follows_adapter_updates_and_adapters_disabled(tiny_model, tiny_model_dir):
+    """The compiled step reads the current weights, and a trace made with the adapters on is
+    never reused with them off."""
+    import mlx_lm
+
+    from mlx_reasoner.model import adapters_disabled
+
+    model, tokenizer = tiny_model
+    base, _ = mlx_lm.load(str(tiny_model_dir))
+    prompts = prompts_for(tokenizer, ["q?", "another question?"])
+
+    def greedy(m):
+        return generate_groups(m, tokenizer, prompts, 2, 12, compiled=True).completion_ids
+
+    base_ids = greedy(base)
+    perturbed_adapters(model, scale=0.0)
+    assert greedy(model) == base_ids, "LoRA starts at zero"
+    move_adapters(model, 0.5)
+    adapted = greedy(model)
+    assert adapted != base_ids, "the update must reach the compiled step"
+    engine = generate_groups(model, tokenizer, prompts, 2, 12, compiled=False)
+    assert adapted == engine.completion_ids
+    with adapters_disabled(model):
+        assert greedy(model) == base_ids
+    assert greedy(model) == adapted
