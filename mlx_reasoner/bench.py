@@ -63,7 +63,9 @@ class BenchConfig:
         -1, "LoRA on all linear layers of this many top blocks (-1: all).", at_least=-1
     )
     temperature: float = _opt(0.9, "Sampling temperature.", above=0)
-    compile: bool = _opt(True, "mx.compile the training pass.")
+    compile: bool = _opt(
+        True, "mx.compile the training pass and the rollout's decode step (models that allow it)."
+    )
     grad_checkpoint: bool = _opt(
         False, "Recompute block activations in the backward pass (less memory, slower)."
     )
@@ -211,6 +213,7 @@ def bench_steps(
             config.max_completion_tokens,
             sampler,
             ignore_eos=config.ignore_eos,
+            compiled=None if config.compile else False,
         )
         mx.clear_cache()  # as train does: the decode's KV caches go back before training
         generated = time.perf_counter()
@@ -242,6 +245,7 @@ def bench_steps(
             "loss": update.loss,
             "skipped_update": update.skipped,
             "shared_prompts": grads.share_prompts,
+            "decoder": rollouts.decoder,
         }
         if measure_engine:
             record.update(
@@ -397,6 +401,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     info = blas_info()
     result.update(
         train_layout="shared prompts" if records[-1]["shared_prompts"] else "packed",
+        rollout_decoder=records[-1]["decoder"],
         completion_tokens_per_step=records[-1]["completion_tokens"],
         prompt_tokens_per_step=records[-1]["prompt_tokens"],
         blas=info.name,
@@ -442,7 +447,7 @@ def bench_table(result: dict):
         title=f"mlx-reasoner bench: {result['model']} ({result['parameters']:,} parameters)",
         caption=(
             f"{shape}; medians of {result['measured_steps']} steps after a warm-up; "
-            f"training layout: {result['train_layout']}; "
+            f"decode: {result['rollout_decoder']}; training layout: {result['train_layout']}; "
             f"{result['device']}, {result['cpu_count']} cores, {result['blas']}"
         ),
     )

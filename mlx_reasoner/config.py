@@ -85,7 +85,9 @@ class RunConfig:
     run_dir: str | None = _opt(None, "Output folder; default runs/<timestamp>.")
     save_every: int = _opt(50, "Save adapters every N steps (and at the end).", at_least=0)
     sample_every: int = _opt(10, "Show a sample completion every N steps (0: never).", at_least=0)
-    compile: bool = _opt(True, "mx.compile the training pass.")
+    compile: bool = _opt(
+        True, "mx.compile the training pass and the rollout's decode step (models that allow it)."
+    )
     grad_checkpoint: bool = _opt(
         False, "Recompute block activations in the backward pass (less memory, slower)."
     )

@@ -34,6 +34,7 @@ class Rollouts:
     texts: list[str]  # decoded completions without the stop token
     prompt_tokens: int = 0  # prompt tokens prefilled (each prompt once)
     generation_seconds: float = 0.0
+    decoder: str = "compiled"  # "compiled" or "BatchGenerator": which decode ran
     stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -96,6 +97,7 @@ def generate_groups(
     if compiled is None:
         compiled = all(len(p) > 1 for p in prompts) and compiled_decode_supported(model)
     decode = _decode_compiled if compiled else _decode_batch_generator
+    decoder = "compiled" if compiled else "BatchGenerator"
     completion_ids, finish_reasons = decode(
         model, prompts, caches, group_size, max_tokens, sampler, stop
     )
@@ -113,6 +115,7 @@ def generate_groups(
         texts=texts,
         prompt_tokens=sum(len(p) for p in prompts),
         generation_seconds=time.perf_counter() - start,
+        decoder=decoder,
     )
 
 
@@ -150,7 +153,9 @@ def _decode_batch_generator(model, prompts, caches, group_size, max_tokens, samp
 
 # --- the compiled decode ---------------------------------------------------------------------
 
-# The fixed cache length is rounded up to this, so prompts of similar lengths share a trace.
+# The KV buffers grow by this many columns at a time: a step attends to at most this many
+# columns not written yet, and every rollout passes through the same few buffer widths (one
+# trace each).
 CACHE_MULTIPLE = 64
 
 
@@ -243,16 +248,17 @@ class _DecoderCache:
 _DECODERS = _DecoderCache()
 
 
-def _fixed_buffers(caches: list[list], group_size: int, max_tokens: int):
-    """Lay each prompt's per-layer cache into fixed buffers of ``[rows, heads, length, dim]``.
+def _fixed_buffers(caches: list[list], group_size: int):
+    """Lay each prompt's per-layer cache into buffers of ``[rows, heads, width, dim]``.
 
     Row ``i * group_size + g`` is prompt ``i``'s, left-padded so that every prompt ends at the
-    same column. Returns ``(keys, values, write, start)``: per-layer buffers, the first column
-    the decode writes, and each row's first prompt column.
+    same column. Returns ``(keys, values, write, start)``: per-layer buffers with room for at
+    least one more column, the first column the decode writes, and each row's first prompt
+    column.
     """
     lengths = [cache[0].offset for cache in caches]
     write = max(lengths)
-    width = -(-(write + max_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+    width = _round_up(write + 1, CACHE_MULTIPLE)
     start = mx.array([write - n for n in lengths for _ in range(group_size)], dtype=mx.int32)
 
     def laid_out(arrays: list[mx.array]) -> mx.array:
@@ -274,15 +280,27 @@ def _fixed_buffers(caches: list[list], group_size: int, max_tokens: int):
     return keys, values, write, start
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _widen(buffers: list[mx.array], columns: int) -> list[mx.array]:
+    """The same buffers with ``columns`` more (zero) columns at the end."""
+    rows, heads, _, dim = buffers[0].shape
+    extra = mx.zeros((rows, heads, columns, dim), buffers[0].dtype)
+    return [mx.concatenate([b, extra], axis=2) for b in buffers]
+
+
 def _decode_compiled(model, prompts, caches, group_size, max_tokens, sampler, stop, step=None):
     """Decode every completion with the compiled fixed-shape step (``_DecoderCache``).
 
     The next step is queued before the last one's tokens are read, so the device never waits
-    on Python; decoding stops once every row has met a stop token or ``max_tokens``.
+    on Python; decoding stops once every row has met a stop token or ``max_tokens``. The
+    buffers grow by ``CACHE_MULTIPLE`` columns when full, so a step's shapes change only then.
     """
     sampler = sampler or _greedy
     step = step or _DECODERS.step(model, sampler)
-    keys, values, write, start = _fixed_buffers(caches, group_size, max_tokens)
+    keys, values, write, start = _fixed_buffers(caches, group_size)
     rows = len(prompts) * group_size
     completions = [[] for _ in range(rows)]
     reasons: list[str | None] = [None] * rows
@@ -305,6 +323,8 @@ def _decode_compiled(model, prompts, caches, group_size, max_tokens, sampler, st
     tokens = mx.array([p[-1] for p in prompts for _ in range(group_size)], dtype=mx.uint32)
     pending = None
     for i in range(max_tokens):
+        if write + i == keys[0].shape[2]:
+            keys, values = _widen(keys, CACHE_MULTIPLE), _widen(values, CACHE_MULTIPLE)
         tokens, _, keys, values = step(tokens, keys, values, mx.array(write + i), start)
         mx.async_eval(tokens, keys, values)
         if pending is not None:

@@ -454,7 +454,13 @@ def train(
         batch = next(batches)
         prompts = [encode_prompt(tokenizer, system_prompt, ex.question) for ex in batch]
         rollouts = generate_groups(
-            model, tokenizer, prompts, config.group_size, config.max_completion_tokens, sampler
+            model,
+            tokenizer,
+            prompts,
+            config.group_size,
+            config.max_completion_tokens,
+            sampler,
+            compiled=None if config.compile else False,
         )
         mx.clear_cache()  # give the decode's KV caches back before the training pass
         generated = time.perf_counter()

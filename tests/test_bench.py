@@ -64,6 +64,7 @@ def test_bench_cli_writes_every_figure(tiny_model_dir, tmp_path):
     assert figures["settings"]["beta"] == 0.04 and figures["settings"]["ignore_eos"] is True
     assert figures["measured_steps"] == 2
     assert figures["train_layout"] == "shared prompts"  # a Qwen2 model takes it
+    assert figures["rollout_decoder"] == "compiled"  # and the compiled decode
     assert [r["warmup"] for r in figures["steps"]] == [True, False, False]
     for record in figures["steps"]:
         # Completions run to full length, in our rollout and in the raw engine alike.
@@ -88,6 +89,7 @@ def test_bench_compares_peak_memory_with_and_without_the_reference(tiny_model_di
         compile=False,
     )
     figures = run_bench(config)
+    assert figures["rollout_decoder"] == "BatchGenerator"  # --no-compile
     assert figures["peak_memory_ratio_beta"] > 0
     compared = figures["compare_beta"]
     assert compared["beta"] == 0.04
