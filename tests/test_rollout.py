@@ -6,7 +6,7 @@ import pytest
 
 from mlx_reasoner.loss import pack_sequences
 from mlx_reasoner.prompts import encode_prompt, load_system_prompt
-from mlx_reasoner.rollout import generate_groups
+from mlx_reasoner.rollout import CACHE_MULTIPLE, generate_groups
 
 
 class CountingModel:
@@ -198,8 +198,10 @@ def test_compiled_decode_gives_the_batch_generators_tokens(tiny_model, group_siz
     assert set(ours.finish_reasons) == {"stop", "length"}, "the sampler should give both"
 
 
-def test_compiled_decode_samples_what_the_batch_generator_samples(tiny_model):
-    """Same seed, same sampler, no early stops: the same random draws, so the same tokens."""
+@pytest.mark.parametrize("max_tokens", [16, CACHE_MULTIPLE + 6])
+def test_compiled_decode_samples_what_the_batch_generator_samples(tiny_model, max_tokens):
+    """Same seed, same sampler, no early stops: the same random draws, so the same tokens,
+    also after the KV buffers have grown."""
     from mlx_lm.sample_utils import make_sampler
 
     model, tokenizer = tiny_model
@@ -209,8 +211,11 @@ def test_compiled_decode_samples_what_the_batch_generator_samples(tiny_model):
     for compiled in (False, True):
         mx.random.seed(7)
         results.append(
-            generate_groups(model, tokenizer, prompts, 4, 16, sampler, True, compiled=compiled)
+            generate_groups(
+                model, tokenizer, prompts, 4, max_tokens, sampler, True, compiled=compiled
+            )
         )
+    assert [r.decoder for r in results] == ["BatchGenerator", "compiled"]
     assert results[1].completion_ids == results[0].completion_ids
     assert len({tuple(ids) for ids in results[1].completion_ids}) > 1, "samples should differ"
 
