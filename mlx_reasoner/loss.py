@@ -13,6 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .cpu_math import fast_activations
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 
 
@@ -314,11 +316,12 @@ def completion_logprobs(
     Returns:
         ``[B, T]`` float32 log-probabilities (garbage where ``batch.mask`` is 0).
     """
-    if batch.shares_prompts:
-        hidden = _shared_prompt_hidden(model, batch)  # [B, T, H]
-    else:
-        hidden = model.model(batch.tokens)  # [B, L, H]
-        hidden = mx.take_along_axis(hidden, batch.positions[..., None], axis=1)  # [B, T, H]
+    with fast_activations(model):
+        if batch.shares_prompts:
+            hidden = _shared_prompt_hidden(model, batch)  # [B, T, H]
+        else:
+            hidden = model.model(batch.tokens)  # [B, L, H]
+            hidden = mx.take_along_axis(hidden, batch.positions[..., None], axis=1)  # [B, T, H]
     head_module, head = output_head(model)
     chunk_fn = _chunk_logprobs(head, temperature)
     pieces = []

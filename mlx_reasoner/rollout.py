@@ -22,6 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .cpu_math import fast_activations, fast_activations_apply
+
 
 @dataclass
 class Rollouts:
@@ -93,15 +95,16 @@ def generate_groups(
     start = time.perf_counter()
     eos_ids = sorted(tokenizer.eos_token_ids)
     stop = frozenset() if ignore_eos else frozenset(eos_ids)
-    caches = [prefill_prompt(model, p) for p in prompts]
-    if compiled is None:
-        compiled = all(len(p) > 1 for p in prompts) and compiled_decode_supported(model)
-    decode = _decode_compiled if compiled else _decode_batch_generator
-    decoder = "compiled" if compiled else "BatchGenerator"
-    completion_ids, finish_reasons = decode(
-        model, prompts, caches, group_size, max_tokens, sampler, stop
-    )
+    with fast_activations(model):
+        caches = [prefill_prompt(model, p) for p in prompts]
+        if compiled is None:
+            compiled = all(len(p) > 1 for p in prompts) and compiled_decode_supported(model)
+        decode = _decode_compiled if compiled else _decode_batch_generator
+        completion_ids, finish_reasons = decode(
+            model, prompts, caches, group_size, max_tokens, sampler, stop
+        )
     del caches
+    decoder = "compiled" if compiled else "BatchGenerator"
     eos = set(eos_ids)
     texts = [
         tokenizer.decode(ids[:-1] if reason == "stop" and ids and ids[-1] in eos else ids)
@@ -214,8 +217,9 @@ class _DecoderCache:
     ``compiled_decode_supported``, and its compiled steps, one per sampler.
 
     Entries are keyed by the model and its module layout, because ``adapters_disabled`` swaps
-    modules in and out: a trace made with the adapters on must not run with them off. Each
-    entry holds its model and samplers, so their ids stay theirs while it lives.
+    modules in and out: a trace made with the adapters on must not run with them off (and by
+    whether ``cpu_math`` swaps the activation). Each entry holds its model and samplers, so
+    their ids stay theirs while it lives.
     """
 
     def __init__(self, size: int = 4):
@@ -223,7 +227,8 @@ class _DecoderCache:
         self.entries: list[dict] = []
 
     def entry(self, model: nn.Module) -> dict:
-        key = (id(model), tuple((name, type(m).__name__) for name, m in model.named_modules()))
+        layout = tuple((name, type(m).__name__) for name, m in model.named_modules())
+        key = (id(model), layout, fast_activations_apply())
         for i, entry in enumerate(self.entries):
             if entry["key"] == key:
                 self.entries.insert(0, self.entries.pop(i))

@@ -17,6 +17,7 @@ import mlx.core as mx
 from .blas import blas_info
 from .checkpoints import JsonlWriter, atomic_write_json, prepare_run_dir, save_adapters
 from .config import TrainConfig
+from .cpu_math import fast_activations_apply
 from .errors import ReasonerError
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ def _versions() -> dict[str, str]:
         "platform": platform.platform(),
         "device": str(mx.default_device()),
         "blas": blas_info().as_dict(),
+        "swiglu": "power (cpu_math)" if fast_activations_apply() else "mlx-lm",
     }
 
 
