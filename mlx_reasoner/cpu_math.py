@@ -1,18 +1,23 @@
-"""A faster SwiGLU for MLX's CPU backend on x86-64, swapped in while this package runs a model.
+"""Exp-free SwiGLU and attention for MLX's CPU backend on x86-64, swapped in while we run a model.
 
 The Linux x86-64 ``mlx[cpu]`` wheel evaluates ``exp`` one float at a time, with each step of its
-polynomial a call into libm's ``fmaf``: about 9 ns per element for ``exp`` and 14 ns for
-``sigmoid``, against about 3 ns for ``power``, which goes through libm's ``powf``. The SiLU inside
-a SwiGLU MLP is the largest ``exp`` consumer of a training pass (a sigmoid over the MLP's width
-for every token, in the forward, reference and backward passes). On that backend this module
-swaps mlx-lm's ``swiglu`` for the same function written with ``power``,
-``gate / (1 + e^-gate) * x``, equal to ``silu(gate) * x`` to float32 rounding, gradients
-included. It cut the bench's 1 x 4 x 64 training pass by about an eighth (docs/performance.md).
+polynomial a call into libm's ``fmaf``: about 9 ns per element for ``exp`` and ``softmax`` and
+14 ns for ``sigmoid``, against about 3 ns for ``power``, which goes through libm's ``powf``. The
+sigmoid inside a SwiGLU MLP and the softmax inside attention are where a training pass spends
+those: one per MLP unit and one per attended key, for every token, in the forward, reference and
+backward passes. On that backend this module swaps two of mlx-lm's functions for the same
+functions written with ``power``:
 
+- ``swiglu``: ``gate / (1 + e^-gate) * x``, equal to ``silu(gate) * x`` to float32 rounding,
+  gradients included;
+- ``scaled_dot_product_attention``: scores, mask, a max-shifted softmax from ``power``, values,
+  equal to ``mx.fast.scaled_dot_product_attention`` to float32 rounding.
+
+Together they cut the bench's 1 x 4 x 64 training pass by about a fifth (docs/performance.md).
 The swap holds only while ``fast_activations(model)`` is open (the rollout and every
 log-probability pass open it), only for float32, only in the mlx-lm module that defines the
-model, and only when that module uses mlx-lm's own ``swiglu``. ``MLX_REASONER_FAST_EXP=0`` turns
-it off; ``config.json`` and the bench record the choice under ``versions.swiglu``. macOS
+model, and only for names that module takes from mlx-lm. ``MLX_REASONER_FAST_EXP=0`` turns it
+off; ``config.json`` and the bench record the choice under ``versions.activations``. macOS
 (Accelerate's vectorised ``exp``), GPUs and ARM CPUs are left alone.
 """
 
@@ -53,25 +58,77 @@ def swiglu_via_power(gate: mx.array, x: mx.array) -> mx.array:
     return gate / (1.0 + mx.power(math.e, mx.minimum(-gate, 40.0))) * x
 
 
+def attention_via_power(queries, keys, values, cache, scale, mask, sinks=None):
+    """mlx-lm's ``scaled_dot_product_attention`` with the softmax's exponential from ``power``.
+
+    Float32, with no attention sinks and no quantized cache; anything else, and masks of a
+    shape other than ``[L, S]`` or ``[B, 1 or heads, L, S]``, goes to mlx-lm's own function.
+    """
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    if (
+        queries.dtype != mx.float32
+        or sinks is not None
+        or hasattr(cache, "bits")
+        or (isinstance(mask, mx.array) and mask.ndim not in (2, 4))
+    ):
+        return scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks)
+    batch, heads, length, _ = queries.shape
+    kv_heads, width = keys.shape[1], keys.shape[2]
+    repeats = heads // kv_heads
+    # Query heads that share a key/value head are one axis: [B, kv heads, repeats, L, D].
+    grouped = (queries * scale).reshape(batch, kv_heads, repeats, length, -1)
+    scores = grouped @ mx.expand_dims(keys, 2).swapaxes(-1, -2)  # [B, kv, rep, L, S]
+    if isinstance(mask, str):  # "causal": the last L of S positions, each sees its past
+        mask = mx.arange(width - length, width)[:, None] >= mx.arange(width)[None]
+    if mask is not None:
+        if mask.ndim == 4:
+            mask = (
+                mx.expand_dims(mask, 2)
+                if mask.shape[1] == 1
+                else mask.reshape(mask.shape[0], kv_heads, repeats, *mask.shape[2:])
+            )
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    shifted = scores - mx.stop_gradient(mx.max(scores, axis=-1, keepdims=True))
+    weights = mx.power(math.e, shifted)
+    weights = weights / mx.sum(weights, axis=-1, keepdims=True)
+    return (weights @ mx.expand_dims(values, 2)).reshape(batch, heads, length, -1)
+
+
+def _swaps() -> dict[str, tuple[object, object]]:
+    """Module attribute -> (mlx-lm's function, the replacement)."""
+    from mlx_lm.models.activations import swiglu
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    return {
+        "swiglu": (swiglu, swiglu_via_power),
+        "scaled_dot_product_attention": (scaled_dot_product_attention, attention_via_power),
+    }
+
+
 def _model_module(model):
     return sys.modules.get(type(model).__module__)
 
 
 @contextlib.contextmanager
 def fast_activations(model) -> Iterator[None]:
-    """Run ``model`` with ``swiglu_via_power`` in place of mlx-lm's ``swiglu`` (see above)."""
-    from mlx_lm.models.activations import swiglu
+    """Run ``model`` with the functions above in place of mlx-lm's (see the module's text).
 
+    Each name is swapped only where the model's module holds mlx-lm's own function, so an
+    enclosing call's swap, or a model's own variant, is left as it is.
+    """
     module = _model_module(model)
-    if (
-        module is None
-        or getattr(module, "swiglu", None) is not swiglu
-        or not fast_activations_apply()
-    ):
-        yield  # not applicable, or already swapped by an enclosing call
-        return
-    module.swiglu = swiglu_via_power
+    swapped = {}
+    if module is not None and fast_activations_apply():
+        for name, (original, replacement) in _swaps().items():
+            if getattr(module, name, None) is original:
+                setattr(module, name, replacement)
+                swapped[name] = original
     try:
         yield
     finally:
-        module.swiglu = swiglu
+        for name, original in swapped.items():
+            setattr(module, name, original)

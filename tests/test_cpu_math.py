@@ -1,4 +1,4 @@
-"""The CPU SwiGLU: same values and gradients as mlx-lm's, swapped in only where it applies."""
+"""cpu_math: mlx-lm's values and gradients, swapped in only where it applies."""
 
 import sys
 
@@ -35,12 +35,18 @@ def test_the_swap_lasts_only_while_the_context_is_open(tiny_model, monkeypatch):
     model, _ = tiny_model
     module = sys.modules[type(model).__module__]
     monkeypatch.setattr(cpu_math, "fast_activations_apply", lambda: True)
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    from mlx_reasoner.cpu_math import attention_via_power
+
     with fast_activations(model):
         assert module.swiglu is swiglu_via_power
+        assert module.scaled_dot_product_attention is attention_via_power
         with fast_activations(model):  # nested: still swapped, restored only by the outer one
             assert module.swiglu is swiglu_via_power
         assert module.swiglu is swiglu_via_power
     assert module.swiglu is swiglu
+    assert module.scaled_dot_product_attention is scaled_dot_product_attention
 
 
 @pytest.mark.parametrize("setting", ["0", "off"])
@@ -74,3 +80,53 @@ def test_the_model_gives_the_same_logits_with_and_without_the_swap(tiny_model, m
     with fast_activations(model):
         swapped = model(tokens)
     assert mx.allclose(plain, swapped, rtol=1e-4, atol=1e-4).item()
+
+
+def attention_inputs(heads=4, kv_heads=2, length=5, width=9):
+    mx.random.seed(1)
+    q = mx.random.normal((2, heads, length, 16))
+    k = mx.random.normal((2, kv_heads, width, 16))
+    v = mx.random.normal((2, kv_heads, width, 16))
+    return q, k, v
+
+
+def weighted_grads(fn, mask, cotangent, *inputs):
+    """Gradients of ``sum(fn(...) * cotangent)`` with respect to queries, keys and values."""
+
+    def loss(q, k, v):
+        return (fn(q, k, v, None, 0.25, mask) * cotangent).sum()
+
+    return mx.grad(loss, argnums=(0, 1, 2))(*inputs)
+
+
+def some_masks(heads, length, width):
+    keep = mx.random.uniform(shape=(2, 1, length, width)) > 0.4
+    keep = keep | (mx.arange(width) == 0)  # no row is empty
+    return {
+        "none": None,
+        "causal": "causal",
+        "bool per batch": keep,
+        "bool per head": mx.broadcast_to(keep, (2, heads, length, width)),
+        "additive [L, S]": mx.random.normal((length, width)),
+    }
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, length, width", [(4, 2, 5, 9), (4, 4, 1, 7), (2, 1, 6, 6)]
+)
+def test_attention_via_power_matches_mlx_lm(heads, kv_heads, length, width):
+    from mlx_lm.models.base import scaled_dot_product_attention as sdpa
+
+    from mlx_reasoner.cpu_math import attention_via_power
+
+    q, k, v = attention_inputs(heads, kv_heads, length, width)
+    for name, mask in some_masks(heads, length, width).items():
+        ours = attention_via_power(q, k, v, None, 0.25, mask)
+        theirs = sdpa(q, k, v, None, 0.25, mask)
+        assert ours.shape == theirs.shape, name
+        assert mx.allclose(ours, theirs, rtol=1e-5, atol=1e-5).item(), name
+
+        cotangent = mx.random.normal(theirs.shape)
+        grads = [weighted_grads(fn, mask, cotangent, q, k, v) for fn in (attention_via_power, sdpa)]
+        for ours, theirs in zip(*grads):
+            assert mx.allclose(ours, theirs, rtol=1e-4, atol=1e-4).item(), name

@@ -641,7 +641,10 @@ def test_shared_prompt_logprobs_match_full_logits(tie, temperature, pad_multiple
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "lm_head"])
-def test_shared_prompt_gradients_match_packed(tie):
+def test_shared_prompt_gradients_match_packed(tie, monkeypatch):
+    # The layouts are compared on mlx-lm's own activations; cpu_math's are checked against
+    # those in tests/test_cpu_math.py (their rounding differs, and this bound is tight).
+    monkeypatch.setenv("MLX_REASONER_FAST_EXP", "0")
     model = tiny_qwen2(seed=4, tie=tie)
     prompts = [PROMPTS[g] for g in GROUP_OF]
     packed = pack_sequences(prompts, GROUP_COMPLETIONS, np.zeros(6), pad_multiple=4)

@@ -39,13 +39,16 @@ def split_params(model):
 @pytest.mark.slow
 def test_grpo_raises_a_learnable_reward_and_only_touches_lora(tiny_model):
     model, tokenizer = tiny_model
+    # At lr 1e-2 this run was chaotic: a float-rounding change flipped whether a seed learned
+    # (3 of 12 seeds stayed flat). At 3e-3 every seed tried (8, both activation paths of
+    # cpu_math) reached a reward of 0.47-0.61 by step 40.
     config = TrainConfig(
-        steps=30,
+        steps=40,
         batch_size=2,
         group_size=8,
         max_completion_tokens=12,
         lora_layers=-1,
-        learning_rate=1e-2,
+        learning_rate=3e-3,
         warmup_steps=0,
         beta=0.04,
         temperature=1.0,
@@ -62,7 +65,7 @@ def test_grpo_raises_a_learnable_reward_and_only_touches_lora(tiny_model):
         batch_iterator(examples, config.batch_size, seed=0),
         [WeightedReward("digit_share", digit_share)],
         "Answer briefly.",
-        quiet_display(30),
+        quiet_display(40),
     )
     rewards = [m["reward_mean"] for m in history]
     start, end = np.mean(rewards[:5]), np.mean(rewards[-5:])
