@@ -3,6 +3,7 @@
 import io
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
@@ -36,12 +37,8 @@ def split_params(model):
     return adapters, base
 
 
-@pytest.mark.slow
-def test_grpo_raises_a_learnable_reward_and_only_touches_lora(tiny_model):
-    model, tokenizer = tiny_model
-    # At lr 1e-2 this run was chaotic: a float-rounding change flipped whether a seed learned
-    # (3 of 12 seeds stayed flat). At 3e-3 every seed tried (8, both activation paths of
-    # cpu_math) reached a reward of 0.47-0.61 by step 40.
+def train_digit_share(model, tokenizer, seed: int) -> list[dict]:
+    """40 GRPO steps on LoRA towards the digit-share reward, from ``seed``."""
     config = TrainConfig(
         steps=40,
         batch_size=2,
@@ -53,31 +50,44 @@ def test_grpo_raises_a_learnable_reward_and_only_touches_lora(tiny_model):
         beta=0.04,
         temperature=1.0,
         sample_every=0,
+        seed=seed,
     ).validate()
-    mx.random.seed(0)
-    attach_lora(model, lora_config(config.lora_layers, config.lora_rank))
-    adapters_before, base_before = split_params(model)
     examples = [Example(f"Say something about {i}.", str(i)) for i in range(16)]
-    history = train(
+    return train(
         config,
         model,
         tokenizer,
-        batch_iterator(examples, config.batch_size, seed=0),
+        batch_iterator(examples, config.batch_size, seed=seed),
         [WeightedReward("digit_share", digit_share)],
         "Answer briefly.",
-        quiet_display(40),
+        quiet_display(config.steps),
     )
-    rewards = [m["reward_mean"] for m in history]
+
+
+@pytest.mark.slow
+def test_grpo_raises_a_learnable_reward_and_only_touches_lora(tiny_model, tiny_model_dir):
+    """Two seeds, rewards averaged: whether one run takes off is partly luck (about 1 seed in 8
+    stayed near zero at step 40, whichever activations ran), so one seed alone makes a test
+    that a harmless change of rounding can flip."""
+    histories = []
+    for seed, (model, tokenizer) in enumerate([tiny_model, mlx_lm.load(str(tiny_model_dir))]):
+        mx.random.seed(seed)
+        attach_lora(model, lora_config(-1, 8))
+        adapters_before, base_before = split_params(model)
+        history = train_digit_share(model, tokenizer, seed)
+        assert all(np.isfinite(m["loss"]) and np.isfinite(m["kl"]) for m in history)
+        assert max(m["kl"] for m in history) > 0, "beta > 0 must measure a KL"
+        adapters_after, base_after = split_params(model)
+        assert all(np.array_equal(base_before[k], base_after[k]) for k in base_before)
+        changed = [
+            k for k in adapters_before if not np.allclose(adapters_before[k], adapters_after[k])
+        ]
+        assert len(changed) == len(adapters_before)
+        histories.append(history)
+    rewards = np.mean([[m["reward_mean"] for m in h] for h in histories], axis=0)
     start, end = np.mean(rewards[:5]), np.mean(rewards[-5:])
     assert start < 0.15
     assert end > start + 0.25, f"reward did not rise: {start:.3f} -> {end:.3f}"
-    assert all(np.isfinite(m["loss"]) and np.isfinite(m["kl"]) for m in history)
-    assert max(m["kl"] for m in history) > 0, "beta > 0 must measure a KL"
-
-    adapters_after, base_after = split_params(model)
-    assert all(np.array_equal(base_before[k], base_after[k]) for k in base_before)
-    changed = [k for k in adapters_before if not np.allclose(adapters_before[k], adapters_after[k])]
-    assert len(changed) == len(adapters_before)
 
 
 def make_rollouts(tokenizer, completions, finish_reasons, group_size):
