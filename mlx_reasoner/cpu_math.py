@@ -8,12 +8,14 @@ those: one per MLP unit and one per attended key, for every token, in the forwar
 backward passes. On that backend this module swaps two of mlx-lm's functions for the same
 functions written with ``power``:
 
-- ``swiglu``: ``gate / (1 + e^-gate) * x``, equal to ``silu(gate) * x`` to float32 rounding,
+- ``swiglu``: ``gate * x / (1 + e^-gate)``, equal to ``silu(gate) * x`` to float32 rounding,
   gradients included;
 - ``scaled_dot_product_attention``: scores, mask, a max-shifted softmax from ``power``, values,
   equal to ``mx.fast.scaled_dot_product_attention`` to float32 rounding.
 
-Together they cut the bench's 1 x 4 x 64 training pass by about a fifth (docs/performance.md).
+Both have hand-written gradients that keep no more than mlx-lm's functions do (the sigmoid is
+recomputed from the gate; the softmax's gradient needs only its output), so peak memory does not
+grow. Together they cut the bench's training pass by about a fifth (docs/performance.md).
 The swap holds only while ``fast_activations(model)`` is open (the rollout and every
 log-probability pass open it), only for float32, only in the mlx-lm module that defines the
 model, and only for names that module takes from mlx-lm. ``MLX_REASONER_FAST_EXP=0`` turns it
@@ -48,14 +50,31 @@ def fast_activations_apply() -> bool:
     )
 
 
+def _sigmoid(x: mx.array) -> mx.array:
+    return 1.0 / (1.0 + mx.power(math.e, -x))  # e^-x = inf gives 0, as it should
+
+
+@mx.custom_function
 @partial(mx.compile, shapeless=True)
+def _swiglu_float32(gate: mx.array, x: mx.array) -> mx.array:
+    return gate * _sigmoid(gate) * x
+
+
+@_swiglu_float32.vjp
+def _swiglu_float32_vjp(primals, cotangent, output):
+    # The sigmoid is recomputed from the gate, so the backward pass keeps nothing but the
+    # inputs (which the projections' own gradients keep anyway).
+    gate, x = primals
+    sigmoid = _sigmoid(gate)
+    slope = sigmoid * (1.0 + gate * (1.0 - sigmoid))  # d silu / d gate
+    return cotangent * x * slope, cotangent * gate * sigmoid
+
+
 def swiglu_via_power(gate: mx.array, x: mx.array) -> mx.array:
     """``silu(gate) * x`` with the sigmoid's exponential computed by ``power`` (float32)."""
     if gate.dtype != mx.float32:  # decided when traced; half precision keeps mlx's own
         return nn.silu(gate) * x
-    # e^-gate is capped at e^40 so that (1 + e^-gate)^2 in the gradient stays finite; below
-    # gate = -40 the sigmoid is under 5e-18 either way.
-    return gate / (1.0 + mx.power(math.e, mx.minimum(-gate, 40.0))) * x
+    return _swiglu_float32(gate, x)
 
 
 def attention_via_power(queries, keys, values, cache, scale, mask, sinks=None):
@@ -92,10 +111,21 @@ def attention_via_power(queries, keys, values, cache, scale, mask, sinks=None):
             scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
         else:
             scores = scores + mask
-    shifted = scores - mx.stop_gradient(mx.max(scores, axis=-1, keepdims=True))
-    weights = mx.power(math.e, shifted)
-    weights = weights / mx.sum(weights, axis=-1, keepdims=True)
+    weights = softmax_via_power(scores)
     return (weights @ mx.expand_dims(values, 2)).reshape(batch, heads, length, -1)
+
+
+@mx.custom_function
+def softmax_via_power(x: mx.array) -> mx.array:
+    """Softmax over the last axis, from ``power``; its gradient needs only its output (as
+    ``mx.softmax``'s does), so the backward pass keeps one array per attention, not three."""
+    weights = mx.power(math.e, x - mx.max(x, axis=-1, keepdims=True))
+    return weights / mx.sum(weights, axis=-1, keepdims=True)
+
+
+@softmax_via_power.vjp
+def _softmax_via_power_vjp(primals, cotangent, output):
+    return output * (cotangent - mx.sum(cotangent * output, axis=-1, keepdims=True))
 
 
 def _swaps() -> dict[str, tuple[object, object]]:
