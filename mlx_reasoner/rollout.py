@@ -348,9 +348,9 @@ def compiled_decode_supported(model: nn.Module) -> bool:
     It needs an ``nn.Module`` whose every layer uses a plain ``KVCache`` (no sliding window,
     no quantized or recurrent state) and whose attention follows mlx-lm's cache protocol,
     with per-row positions. The answer is checked once per model and module layout: two
-    prompts of different lengths decode three greedy tokens through the uncompiled step,
-    and the log-probabilities must match a full forward pass over each sequence (to 1e-3 in
-    float32, 0.05 in half precision).
+    prompts of different lengths decode three greedy tokens through the compiled step (so a
+    backend that cannot compile it is found out here), and the log-probabilities must match a
+    full forward pass over each sequence (to 1e-3 in float32, 0.05 in half precision).
     """
     from mlx_lm.models.cache import KVCache, make_prompt_cache
 
@@ -370,7 +370,7 @@ def compiled_decode_supported(model: nn.Module) -> bool:
 def _check_fixed_decode(model: nn.Module) -> bool:
     prompts = [[3, 5, 7, 11, 13], [17, 19]]
     caches = [prefill_prompt(model, p) for p in prompts]
-    step = _decode_step_fn(model, _greedy)
+    step = _DECODERS.step(model, _greedy)  # compiled, so a backend that cannot fails here
     logprobs = []
 
     def recording(tokens, keys, values, write, start):
