@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from functools import partial
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .blas import OFF_VALUES
 
@@ -72,8 +71,10 @@ def _swiglu_float32_vjp(primals, cotangent, output):
 
 def swiglu_via_power(gate: mx.array, x: mx.array) -> mx.array:
     """``silu(gate) * x`` with the sigmoid's exponential computed by ``power`` (float32)."""
-    if gate.dtype != mx.float32:  # decided when traced; half precision keeps mlx's own
-        return nn.silu(gate) * x
+    if gate.dtype != mx.float32:  # half precision keeps mlx-lm's own
+        from mlx_lm.models.activations import swiglu
+
+        return swiglu(gate, x)
     return _swiglu_float32(gate, x)
 
 

@@ -36,7 +36,7 @@ class Rollouts:
     texts: list[str]  # decoded completions without the stop token
     prompt_tokens: int = 0  # prompt tokens prefilled (each prompt once)
     generation_seconds: float = 0.0
-    decoder: str = "compiled"  # "compiled" or "BatchGenerator": which decode ran
+    decoder: str = ""  # "compiled" or "BatchGenerator": which decode ran
     stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
