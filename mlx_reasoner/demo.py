@@ -128,7 +128,7 @@ class DemoRecipe:
         "A worked answer writes the parity so far: 0 before the first letter, then one bit "
         "per letter (1 = an odd number of z's so far)."
     )
-    expected_minutes: float = 2.0
+    expected_minutes: float = 1.0
 
 
 def _summary_path(run_dir: Path) -> Path:
@@ -257,7 +257,8 @@ def run_demo(
         f"({get_task(recipe.task.removeprefix('task:')).description}), offline.\n"
         "The warm start shows it two styles of answer, at a glance or worked out step by step; "
         "GRPO rewards right answers and so finds out which style pays.\n"
-        f"Budget: about {recipe.expected_minutes:g} minutes on 2 CPU cores "
+        f"Budget: about {recipe.expected_minutes:g} "
+        f"minute{'' if recipe.expected_minutes == 1 else 's'} on 2 CPU cores "
         f"(warm start {recipe.sft_steps} steps, GRPO {recipe.grpo_steps} steps, "
         f"{recipe.eval_limit} held-out questions). Results in {root}/."
     )
