@@ -213,41 +213,40 @@ def _decode_step_fn(model: nn.Module, sampler: Callable):
 
 
 class _DecoderCache:
-    """What the compiled decode knows of the last few models: whether each one passed
-    ``compiled_decode_supported``, and its compiled steps, one per sampler.
+    """What the compiled decode knows of the last model it ran: per module layout, whether the
+    model passed ``compiled_decode_supported`` and the compiled steps of its last samplers.
 
-    Entries are keyed by the model and its module layout, because ``adapters_disabled`` swaps
-    modules in and out: a trace made with the adapters on must not run with them off (and by
-    whether ``cpu_math`` swaps the activation). Each entry holds its model and samplers, so
-    their ids stay theirs while it lives.
+    The layout is part of the key because ``adapters_disabled`` swaps modules in and out: a
+    trace made with the adapters on must not run with them off (and so is whether ``cpu_math``
+    swaps the activations). Only one model is remembered, so a model the caller has let go of
+    is not kept alive here for long: the next model decoded replaces it.
     """
 
-    def __init__(self, size: int = 4):
-        self.size = size
-        self.entries: list[dict] = []
+    def __init__(self, samplers: int = 3):
+        self.samplers = samplers
+        self.model: nn.Module | None = None
+        self.layouts: dict[tuple, dict] = {}
 
     def entry(self, model: nn.Module) -> dict:
+        if self.model is not model:
+            self.model, self.layouts = model, {}
         layout = tuple((name, type(m).__name__) for name, m in model.named_modules())
-        key = (id(model), layout, fast_activations_apply())
-        for i, entry in enumerate(self.entries):
-            if entry["key"] == key:
-                self.entries.insert(0, self.entries.pop(i))
-                return entry
-        entry = {"key": key, "model": model, "supported": None, "steps": {}}
-        self.entries.insert(0, entry)
-        del self.entries[self.size :]
-        return entry
+        key = (layout, fast_activations_apply())
+        return self.layouts.setdefault(key, {"supported": None, "steps": []})
 
     def step(self, model: nn.Module, sampler: Callable) -> Callable:
-        steps = self.entry(model)["steps"]
-        if id(sampler) not in steps:
-            fn = mx.compile(
-                _decode_step_fn(model, sampler),
-                inputs=[model.state, mx.random.state],
-                outputs=[mx.random.state],
-            )
-            steps[id(sampler)] = (sampler, fn)
-        return steps[id(sampler)][1]
+        steps = self.entry(model)["steps"]  # [(sampler, compiled step)], newest first
+        for known, fn in steps:
+            if known is sampler:
+                return fn
+        fn = mx.compile(
+            _decode_step_fn(model, sampler),
+            inputs=[model.state, mx.random.state],
+            outputs=[mx.random.state],
+        )
+        steps.insert(0, (sampler, fn))
+        del steps[self.samplers :]
+        return fn
 
 
 _DECODERS = _DecoderCache()

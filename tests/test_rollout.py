@@ -245,3 +245,20 @@ def test_compiled_decode_follows_adapter_updates_and_adapters_disabled(tiny_mode
     with adapters_disabled(model):
         assert greedy(model) == base_ids
     assert greedy(model) == adapted
+
+
+def test_the_compiled_decode_lets_go_of_a_model_once_another_is_decoded(tiny_model_dir):
+    import gc
+    import weakref
+
+    import mlx_lm
+
+    first, tokenizer = mlx_lm.load(str(tiny_model_dir))
+    prompts = prompts_for(tokenizer, ["q?"])
+    assert generate_groups(first, tokenizer, prompts, 2, 4).decoder == "compiled"
+    released = weakref.ref(first)
+    del first
+    second, _ = mlx_lm.load(str(tiny_model_dir))
+    generate_groups(second, tokenizer, prompts, 2, 4)
+    gc.collect()
+    assert released() is None, "the first model's weights must not be kept alive"
