@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cpu_math import fast_activations, fast_activations_apply
+from .loss import _round_up
 
 
 @dataclass
@@ -282,10 +283,6 @@ def _fixed_buffers(caches: list[list], group_size: int):
         values.append(laid_out([c[layer].values for c in caches]))
     mx.eval(keys, values, start)
     return keys, values, write, start
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _widen(buffers: list[mx.array], columns: int) -> list[mx.array]:
