@@ -37,7 +37,7 @@ def _versions() -> dict[str, str]:
         "platform": platform.platform(),
         "device": str(mx.default_device()),
         "blas": blas_info().as_dict(),
-        "activations": "exp-free (cpu_math)" if fast_activations_apply() else "mlx-lm",
+        "activations": "fast exp (cpu_math)" if fast_activations_apply() else "mlx-lm",
     }
 
 

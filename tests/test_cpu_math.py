@@ -3,11 +3,43 @@
 import sys
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm.models.activations import swiglu
 
 from mlx_reasoner import cpu_math
-from mlx_reasoner.cpu_math import fast_activations, swiglu_via_power
+from mlx_reasoner.cpu_math import cpu_swiglu, exp_polynomial, fast_activations
+
+# Each exponential cpu_math chooses from: the polynomial for every size, or power for every size.
+EXPONENTIALS = {"polynomial": 0, "power": 10**12}
+
+
+@pytest.fixture(params=sorted(EXPONENTIALS))
+def exponential(request, monkeypatch):
+    monkeypatch.setattr(cpu_math, "POLYNOMIAL_MIN_SIZE", EXPONENTIALS[request.param])
+    return request.param
+
+
+def test_exp_polynomial_is_within_float32_rounding_of_exp():
+    x = mx.concatenate([mx.linspace(-87.3, 88.0, 200001), mx.random.normal((10000,))])
+    exact = np.exp(np.array(x, dtype=np.float64))
+    ours = np.array(exp_polynomial(x), dtype=np.float64)
+    theirs = np.array(mx.exp(x), dtype=np.float64)
+    ours_error = np.max(np.abs(ours - exact) / exact)
+    theirs_error = np.max(np.abs(theirs - exact) / exact)
+    # Most of either error is the rounding of x itself, amplified by |x|; near 0 both are tight.
+    assert ours_error <= 1.5 * theirs_error
+    small = np.abs(np.array(x)) < 1
+    assert np.max(np.abs(ours - exact)[small] / exact[small]) < 3e-7
+
+
+def test_exp_polynomial_edges():
+    x = mx.array([0.0, -mx.inf, -1000.0, -87.4, mx.inf, 1000.0, mx.nan])
+    out = exp_polynomial(x).tolist()
+    assert out[0] == 1.0
+    assert out[1:4] == [0.0, 0.0, 0.0]  # below -87.3 (exp's subnormals and beyond): 0
+    assert np.isfinite(out[4]) and out[4] == out[5] > 1e38  # above 88: held at e^88
+    assert np.isnan(out[6])
 
 
 def gates_and_inputs():
@@ -16,10 +48,10 @@ def gates_and_inputs():
     return gate, mx.random.normal(gate.shape)
 
 
-def test_swiglu_via_power_matches_mlx_lm_values_and_gradients():
+def test_cpu_swiglu_matches_mlx_lm_values_and_gradients(exponential):
     gate, x = gates_and_inputs()
-    assert mx.allclose(swiglu_via_power(gate, x), swiglu(gate, x), rtol=1e-5, atol=1e-5).item()
-    ours = mx.grad(lambda g, u: swiglu_via_power(g, u).sum(), argnums=(0, 1))(gate, x)
+    assert mx.allclose(cpu_swiglu(gate, x), swiglu(gate, x), rtol=1e-5, atol=1e-5).item()
+    ours = mx.grad(lambda g, u: cpu_swiglu(g, u).sum(), argnums=(0, 1))(gate, x)
     theirs = mx.grad(lambda g, u: swiglu(g, u).sum(), argnums=(0, 1))(gate, x)
     for a, b in zip(ours, theirs):
         assert mx.all(mx.isfinite(a)).item(), "no overflow in the gradient, even at -120"
@@ -28,7 +60,7 @@ def test_swiglu_via_power_matches_mlx_lm_values_and_gradients():
 
 def test_half_precision_keeps_mlx_lm_swiglu():
     gate, x = (a.astype(mx.bfloat16) for a in gates_and_inputs())
-    assert mx.array_equal(swiglu_via_power(gate, x), swiglu(gate, x)).item()
+    assert mx.array_equal(cpu_swiglu(gate, x), swiglu(gate, x)).item()
 
 
 def test_the_swap_lasts_only_while_the_context_is_open(tiny_model, monkeypatch):
@@ -37,14 +69,14 @@ def test_the_swap_lasts_only_while_the_context_is_open(tiny_model, monkeypatch):
     monkeypatch.setattr(cpu_math, "fast_activations_apply", lambda: True)
     from mlx_lm.models.base import scaled_dot_product_attention
 
-    from mlx_reasoner.cpu_math import attention_via_power
+    from mlx_reasoner.cpu_math import cpu_attention
 
     with fast_activations(model):
-        assert module.swiglu is swiglu_via_power
-        assert module.scaled_dot_product_attention is attention_via_power
+        assert module.swiglu is cpu_swiglu
+        assert module.scaled_dot_product_attention is cpu_attention
         with fast_activations(model):  # nested: still swapped, restored only by the outer one
-            assert module.swiglu is swiglu_via_power
-        assert module.swiglu is swiglu_via_power
+            assert module.swiglu is cpu_swiglu
+        assert module.swiglu is cpu_swiglu
     assert module.swiglu is swiglu
     assert module.scaled_dot_product_attention is scaled_dot_product_attention
 
@@ -72,7 +104,9 @@ def test_a_model_without_mlx_lm_swiglu_is_left_alone(tiny_model, monkeypatch):
         assert module.swiglu is own_swiglu
 
 
-def test_the_model_gives_the_same_logits_with_and_without_the_swap(tiny_model, monkeypatch):
+def test_the_model_gives_the_same_logits_with_and_without_the_swap(
+    tiny_model, monkeypatch, exponential
+):
     model, _ = tiny_model
     tokens = mx.array([[3, 5, 7, 11, 13, 17, 19, 23]])
     plain = model(tokens)
@@ -114,19 +148,19 @@ def some_masks(heads, length, width):
 @pytest.mark.parametrize(
     "heads, kv_heads, length, width", [(4, 2, 5, 9), (4, 4, 1, 7), (2, 1, 6, 6)]
 )
-def test_attention_via_power_matches_mlx_lm(heads, kv_heads, length, width):
+def test_cpu_attention_matches_mlx_lm(heads, kv_heads, length, width, exponential):
     from mlx_lm.models.base import scaled_dot_product_attention as sdpa
 
-    from mlx_reasoner.cpu_math import attention_via_power
+    from mlx_reasoner.cpu_math import cpu_attention
 
     q, k, v = attention_inputs(heads, kv_heads, length, width)
     for name, mask in some_masks(heads, length, width).items():
-        ours = attention_via_power(q, k, v, None, 0.25, mask)
+        ours = cpu_attention(q, k, v, None, 0.25, mask)
         theirs = sdpa(q, k, v, None, 0.25, mask)
         assert ours.shape == theirs.shape, name
         assert mx.allclose(ours, theirs, rtol=1e-5, atol=1e-5).item(), name
 
         cotangent = mx.random.normal(theirs.shape)
-        grads = [weighted_grads(fn, mask, cotangent, q, k, v) for fn in (attention_via_power, sdpa)]
+        grads = [weighted_grads(fn, mask, cotangent, q, k, v) for fn in (cpu_attention, sdpa)]
         for ours, theirs in zip(*grads):
             assert mx.allclose(ours, theirs, rtol=1e-4, atol=1e-4).item(), name
