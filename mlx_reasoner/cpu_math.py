@@ -193,6 +193,28 @@ def _cpu_softmax_vjp(primals, cotangent, output):
     return output * (cotangent - mx.sum(cotangent * output, axis=-1, keepdims=True))
 
 
+@mx.custom_function
+def _logsumexp_polynomial(x: mx.array) -> mx.array:
+    top = mx.stop_gradient(mx.max(x, axis=-1, keepdims=True))
+    return (mx.log(mx.sum(exp_polynomial(x - top), axis=-1, keepdims=True)) + top)[..., 0]
+
+
+@_logsumexp_polynomial.vjp
+def _logsumexp_polynomial_vjp(primals, cotangent, output):
+    # One input: mlx passes the array itself, not a tuple. softmax(x) * cotangent:
+    return cotangent[..., None] * exp_polynomial(primals - output[..., None])
+
+
+def logsumexp(x: mx.array) -> mx.array:
+    """``mx.logsumexp(x, axis=-1)``; on the polynomial exponential where ``fast_activations``
+    would swap (a float32 array of ``POLYNOMIAL_MIN_SIZE`` or more elements, finite values).
+    The loss calls it over the vocabulary, where it runs once per completion token in each of
+    the policy's forward, backward (recomputed) and reference passes."""
+    if x.dtype != mx.float32 or x.size < POLYNOMIAL_MIN_SIZE or not fast_activations_apply():
+        return mx.logsumexp(x, axis=-1)
+    return _logsumexp_polynomial(x)
+
+
 def _swaps() -> dict[str, tuple[object, object]]:
     """Module attribute -> (mlx-lm's function, the replacement)."""
     from mlx_lm.models.activations import swiglu

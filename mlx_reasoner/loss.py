@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cpu_math import fast_activations
+from .cpu_math import fast_activations, logsumexp
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 
@@ -264,7 +264,7 @@ def _chunk_logprobs(head: Callable, temperature: float):
     def fn(hidden: mx.array, targets: mx.array) -> mx.array:
         logits = head(hidden).astype(mx.float32) / temperature  # [B, c, V]
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return picked - mx.logsumexp(logits, axis=-1)  # [B, c]
+        return picked - logsumexp(logits)  # [B, c]
 
     return fn
 
