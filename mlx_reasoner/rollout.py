@@ -24,6 +24,7 @@ import numpy as np
 
 from .cpu_math import fast_activations, fast_activations_apply
 from .loss import _round_up
+from .model import lora_as_addmm
 
 
 @dataclass
@@ -292,15 +293,21 @@ def _widen(buffers: list[mx.array], columns: int) -> list[mx.array]:
     return [mx.concatenate([b, extra], axis=2) for b in buffers]
 
 
-def _decode_compiled(model, prompts, caches, group_size, max_tokens, sampler, stop, step=None):
+def _decode_compiled(model, prompts, caches, group_size, max_tokens, sampler, stop, record=None):
     """Decode every completion with the compiled fixed-shape step (``_DecoderCache``).
 
-    The next step is queued before the last one's tokens are read, so the device never waits
-    on Python; decoding stops once every row has met a stop token or ``max_tokens``. The
-    buffers grow by ``CACHE_MULTIPLE`` columns when full, so a step's shapes change only then.
+    The step runs with the LoRA layers as ``model.lora_as_addmm``'s (fewer graph nodes). The
+    next step is queued before the last one's tokens are read, so the device never waits on
+    Python; decoding stops once every row has met a stop token or ``max_tokens``. The buffers
+    grow by ``CACHE_MULTIPLE`` columns when full, so a step's shapes change only then.
+    ``record``, if given, receives each step's log-probabilities.
     """
-    sampler = sampler or _greedy
-    step = step or _DECODERS.step(model, sampler)
+    with lora_as_addmm(model):
+        step = _DECODERS.step(model, sampler or _greedy)
+        return _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record)
+
+
+def _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record):
     keys, values, write, start = _fixed_buffers(caches, group_size)
     rows = len(prompts) * group_size
     completions = [[] for _ in range(rows)]
@@ -326,7 +333,9 @@ def _decode_compiled(model, prompts, caches, group_size, max_tokens, sampler, st
     for i in range(max_tokens):
         if write + i == keys[0].shape[2]:
             keys, values = _widen(keys, CACHE_MULTIPLE), _widen(values, CACHE_MULTIPLE)
-        tokens, _, keys, values = step(tokens, keys, values, mx.array(write + i), start)
+        tokens, logprobs, keys, values = step(tokens, keys, values, mx.array(write + i), start)
+        if record is not None:
+            record(logprobs)
         mx.async_eval(tokens, keys, values)
         if pending is not None:
             take(pending.tolist())
@@ -366,16 +375,9 @@ def compiled_decode_supported(model: nn.Module) -> bool:
 def _check_fixed_decode(model: nn.Module) -> bool:
     prompts = [[3, 5, 7, 11, 13], [17, 19]]
     caches = [prefill_prompt(model, p) for p in prompts]
-    step = _DECODERS.step(model, _greedy)  # compiled, so a backend that cannot fails here
-    logprobs = []
-
-    def recording(tokens, keys, values, write, start):
-        out = step(tokens, keys, values, write, start)
-        logprobs.append(out[1])
-        return out
-
+    logprobs = []  # from the compiled step, so a backend that cannot compile it fails here
     completions, _ = _decode_compiled(
-        model, prompts, caches, 1, 3, None, frozenset(), step=recording
+        model, prompts, caches, 1, 3, None, frozenset(), record=logprobs.append
     )
     got = mx.stack(logprobs[:3], axis=1).astype(mx.float32)  # [rows, 3, vocab]
     tolerance = 1e-3 if logprobs[0].dtype == mx.float32 else 0.05

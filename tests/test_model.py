@@ -14,6 +14,7 @@ from mlx_reasoner.model import (
     adapters_disabled,
     attach_lora,
     load_model,
+    lora_as_addmm,
     lora_config,
 )
 
@@ -52,6 +53,27 @@ def test_adapters_disabled_gives_the_base_model_output(tiny_model):
     assert mx.array_equal(off, base)
     # ... and the adapters are back afterwards.
     assert mx.array_equal(model(TOKENS), adapted)
+
+
+def test_lora_as_addmm_gives_the_lora_output_and_shares_the_adapters(tiny_model):
+    from mlx_lm.tuner.lora import LoRALinear
+
+    model, _ = tiny_model
+    attach_lora(model, lora_config(-1, 4))
+    perturb_adapters(model)
+    adapted = model(TOKENS)
+    with lora_as_addmm(model):
+        layers = [m for _, m in model.named_modules() if type(m) is LoRALinear]
+        wrapped = [m for _, m in model.named_modules() if type(m).__name__ == "_AddmmLoRA"]
+        assert len(wrapped) == len(layers) == 7 * len(model.layers)
+        assert type(model.layers[0].self_attn.q_proj).__name__ == "_AddmmLoRA"
+        assert mx.allclose(model(TOKENS), adapted, rtol=1e-5, atol=1e-5).item()
+        # The wrappers hold the same arrays: an update made now is seen, and kept after.
+        perturb_adapters(model, amount=0.1)
+        moved = model(TOKENS)
+        assert mx.abs(moved - adapted).max().item() > 1e-3
+    assert mx.allclose(model(TOKENS), moved, rtol=1e-5, atol=1e-5).item()
+    assert sum(type(m) is LoRALinear for _, m in model.named_modules()) == 7 * len(model.layers)
 
 
 def test_too_many_lora_layers_is_a_clear_error(tiny_model):
