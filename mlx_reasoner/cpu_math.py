@@ -40,6 +40,8 @@ import sys
 from collections.abc import Iterator
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from .blas import OFF_VALUES
 
@@ -213,6 +215,83 @@ def logsumexp(x: mx.array) -> mx.array:
     if x.dtype != mx.float32 or x.size < POLYNOMIAL_MIN_SIZE or not fast_activations_apply():
         return mx.logsumexp(x, axis=-1)
     return _logsumexp_polynomial(x)
+
+
+class _RopeAngles:
+    """The cosines and sines of the last positions asked for, kept for the next layer.
+
+    Every block of a decode step rotates its queries and keys by the same angles (the rows'
+    positions are the same for all of them), and the step passes one ``offset`` array to all
+    blocks; so the angles are computed once per step instead of twice per block.
+    """
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    def get(self, offset: mx.array, length: int, dims: int, base: float, scale: float, dtype):
+        key = (offset, length, dims, base, scale, dtype)
+        if self.key is None or self.key[0] is not offset or self.key[1:] != key[1:]:
+            # The same operations as mx.fast.rope's own CPU path, so the numbers are its own.
+            half = dims // 2
+            positions = (mx.arange(length, dtype=mx.float32) + offset[:, None, None]) * scale
+            inverse = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * (math.log(base) / half))
+            theta = positions[..., None] * inverse  # [rows, 1, length, half]
+            self.key = key
+            self.value = (mx.cos(theta).astype(dtype), mx.sin(theta).astype(dtype))
+        return self.value
+
+
+class _SharedRoPE(nn.Module):
+    """``nn.RoPE`` with its angles from a ``_RopeAngles`` shared by every block.
+
+    Only for the inputs a decode step gives (``[rows, heads, length, dim]``, one offset per
+    row, the default frequencies, not the traditional layout); anything else goes to the
+    wrapped layer. Gives ``mx.fast.rope``'s CPU results exactly (``tests/test_cpu_math.py``).
+    """
+
+    def __init__(self, rope: nn.Module, angles: _RopeAngles):
+        super().__init__()
+        self.rope = rope
+        self._angles = angles
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        rope = self.rope
+        if (
+            rope.traditional
+            or x.ndim != 4
+            or not isinstance(offset, mx.array)
+            or offset.ndim != 1
+            or offset.shape[0] != x.shape[0]
+        ):
+            return rope(x, offset=offset)
+        dims, half = rope.dims, rope.dims // 2
+        cos, sin = self._angles.get(offset, x.shape[2], dims, rope.base, rope.scale, x.dtype)
+        first, second = x[..., :half], x[..., half:dims]
+        parts = [first * cos - second * sin, first * sin + second * cos]
+        if dims < x.shape[-1]:
+            parts.append(x[..., dims:])
+        return mx.concatenate(parts, axis=-1)
+
+
+@contextlib.contextmanager
+def shared_rope(model) -> Iterator[None]:
+    """Run ``model``'s ``nn.RoPE`` layers as ``_SharedRoPE``s, on the CPU only (where
+    ``mx.fast.rope`` is a composition of ordinary operations; elsewhere it is one kernel and
+    is left alone). The rollout's compiled decode step runs inside it."""
+    if mx.default_device() != mx.cpu:
+        yield
+        return
+    ropes = [(name, m) for name, m in model.named_modules() if type(m) is nn.RoPE]
+    if not ropes:
+        yield
+        return
+    angles = _RopeAngles()
+    model.update_modules(tree_unflatten([(name, _SharedRoPE(m, angles)) for name, m in ropes]))
+    try:
+        yield
+    finally:
+        model.update_modules(tree_unflatten(ropes))
 
 
 def _swaps() -> dict[str, tuple[object, object]]:

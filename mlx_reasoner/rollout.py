@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cpu_math import fast_activations, fast_activations_apply
+from .cpu_math import fast_activations, fast_activations_apply, shared_rope
 from .loss import _round_up
 from .model import lora_as_addmm
 
@@ -198,8 +198,9 @@ def _decode_step_fn(model: nn.Module, sampler: Callable):
     def step(tokens, keys, values, write, start):
         columns = mx.arange(keys[0].shape[2])
         mask = (columns[None] >= start[:, None]) & (columns[None] <= write)
+        positions = write - start  # one array for every block (cpu_math.shared_rope uses it)
         caches = [
-            _FixedCache(k, v, write, write - start, mask[:, None, None, :])
+            _FixedCache(k, v, write, positions, mask[:, None, None, :])
             for k, v in zip(keys, values)
         ]
         logits = model(tokens[:, None], cache=caches)[:, -1, :]
@@ -296,13 +297,14 @@ def _widen(buffers: list[mx.array], columns: int) -> list[mx.array]:
 def _decode_compiled(model, prompts, caches, group_size, max_tokens, sampler, stop, record=None):
     """Decode every completion with the compiled fixed-shape step (``_DecoderCache``).
 
-    The step runs with the LoRA layers as ``model.lora_as_addmm``'s (fewer graph nodes). The
+    The step runs with the LoRA layers as ``model.lora_as_addmm``'s and, on the CPU, the RoPE
+    layers as ``cpu_math.shared_rope``'s (fewer graph nodes, same numbers). The
     next step is queued before the last one's tokens are read, so the device never waits on
     Python; decoding stops once every row has met a stop token or ``max_tokens``. The buffers
     grow by ``CACHE_MULTIPLE`` columns when full, so a step's shapes change only then.
     ``record``, if given, receives each step's log-probabilities.
     """
-    with lora_as_addmm(model):
+    with lora_as_addmm(model), shared_rope(model):
         step = _DECODERS.step(model, sampler or _greedy)
         return _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record)
 

@@ -194,3 +194,35 @@ def test_logsumexp_is_mlx_own_where_the_swap_does_not_apply(monkeypatch):
     monkeypatch.setattr(cpu_math, "fast_activations_apply", lambda: True)
     small = logits[:2]  # below POLYNOMIAL_MIN_SIZE
     assert mx.array_equal(logsumexp(small), mx.logsumexp(small, axis=-1)).item()
+
+
+@pytest.mark.parametrize("dims, head_dim, length", [(16, 16, 1), (8, 16, 3)])
+def test_shared_rope_gives_mx_fast_rope_exactly(dims, head_dim, length):
+    import mlx.nn as nn
+
+    from mlx_reasoner.cpu_math import _RopeAngles, _SharedRoPE
+
+    mx.random.seed(3)
+    rope = nn.RoPE(dims, base=10000.0, scale=0.5)
+    shared = _SharedRoPE(rope, _RopeAngles())
+    offset = mx.array([0, 7, 130], dtype=mx.int32)
+    for heads in (4, 2):  # queries, then keys: the second call reuses the angles
+        x = mx.random.normal((3, heads, length, head_dim))
+        assert mx.array_equal(shared(x, offset=offset), rope(x, offset=offset)).item()
+    x = mx.random.normal((3, 2, length, head_dim))
+    assert mx.array_equal(shared(x, offset=5), rope(x, offset=5)).item()  # scalar: rope's own
+
+
+def test_shared_rope_swaps_only_plain_rope_and_puts_it_back(tiny_model):
+    import mlx.nn as nn
+
+    from mlx_reasoner.cpu_math import shared_rope
+
+    model, _ = tiny_model
+    tokens = mx.array([[3, 5, 7, 11]])
+    before = model(tokens)
+    with shared_rope(model):
+        kinds = {type(layer.self_attn.rope).__name__ for layer in model.layers}
+        assert kinds == {"_SharedRoPE"}
+        assert mx.array_equal(model(tokens), before).item()  # no cache: rope's own path
+    assert all(type(layer.self_attn.rope) is nn.RoPE for layer in model.layers)
