@@ -162,12 +162,17 @@ def cpu_attention(queries, keys, values, cache, scale, mask, sinks=None):
     batch, heads, length, _ = queries.shape
     kv_heads, width = keys.shape[1], keys.shape[2]
     repeats = heads // kv_heads
-    # Query heads that share a key/value head are one axis: [B, kv heads, repeats, L, D].
-    grouped = (queries * scale).reshape(batch, kv_heads, repeats, length, -1)
-    scores = grouped @ mx.expand_dims(keys, 2).swapaxes(-1, -2)  # [B, kv, rep, L, S]
+    # The query heads that share a key/value head are stacked as rows of one matrix,
+    # [B, kv heads, repeats * L, D], so each key/value head is one matrix product (the CPU
+    # backend runs a batched product as one BLAS call per batch entry): repeats times fewer
+    # calls than a [B, kv, repeats, L, D] layout, and no broadcast of the keys and values.
+    grouped = (queries * scale).reshape(batch, kv_heads, repeats * length, -1)
+    scores = grouped @ keys.swapaxes(-1, -2)  # [B, kv, rep * L, S]
     if isinstance(mask, str):  # "causal": the last L of S positions, each sees its past
         mask = mx.arange(width - length, width)[:, None] >= mx.arange(width)[None]
     if mask is not None:
+        # Masks are per (L, S); on the [B, kv, rep, L, S] view of the scores they broadcast.
+        scores = scores.reshape(batch, kv_heads, repeats, length, width)
         if mask.ndim == 4:
             mask = (
                 mx.expand_dims(mask, 2)
@@ -178,8 +183,9 @@ def cpu_attention(queries, keys, values, cache, scale, mask, sinks=None):
             scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
         else:
             scores = scores + mask
+        scores = scores.reshape(batch, kv_heads, repeats * length, width)
     weights = cpu_softmax(scores)
-    return (weights @ mx.expand_dims(values, 2)).reshape(batch, heads, length, -1)
+    return (weights @ values).reshape(batch, heads, length, -1)
 
 
 @mx.custom_function
