@@ -207,6 +207,52 @@ def logprobs_no_grad(model: nn.Module, batches: Sequence[PackedBatch], temperatu
     return out
 
 
+@dataclass
+class OptimizerStep:
+    """Gradient clipping and the optimizer's update, ``mx.compile``d over the model's and the
+    optimizer's state (each is some hundred small operations on the adapters, about 4 ms a
+    step on the bench model when run one by one)."""
+
+    model: nn.Module
+    state: dict  # the optimizer state the update was compiled against
+    max_norm: float
+    clip: Callable
+    update: Callable
+
+
+def optimizer_step(
+    model: nn.Module, optimizer: optim.Optimizer, max_norm: float, compile: bool = True
+) -> OptimizerStep:
+    """The ``OptimizerStep`` of this model, optimizer and clipping norm, kept on the optimizer.
+
+    It is made again when the optimizer's state is replaced (a resumed run sets it), so the
+    compiled update never writes into a state the optimizer no longer holds.
+    """
+    step = getattr(optimizer, "compiled_step", None)
+    if (
+        step is not None
+        and step.model is model
+        and step.state is optimizer.state
+        and step.max_norm == max_norm
+    ):
+        return step
+
+    def clip(grads):
+        return optim.clip_grad_norm(grads, max_norm)
+
+    def update(grads):
+        optimizer.update(model, grads)
+
+    if compile:
+        optimizer.init(model.trainable_parameters())  # the compiled update must not create it
+        state = [model.state, optimizer.state]
+        clip = mx.compile(clip)
+        update = mx.compile(update, inputs=state, outputs=state)
+    step = OptimizerStep(model, optimizer.state, max_norm, clip, update)
+    optimizer.compiled_step = step
+    return step
+
+
 def policy_update(
     model: nn.Module,
     optimizer: optim.Optimizer,
@@ -246,12 +292,13 @@ def policy_update(
             for key, value in batch_sums.items():
                 sums[key] += value.item()
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        clipped, grad_norm = optim.clip_grad_norm(total_grads, max_norm)
+        step = optimizer_step(model, optimizer, max_norm, config.compile)
+        clipped, grad_norm = step.clip(total_grads)
         grad_norm = grad_norm.item()
         if not (np.isfinite(grad_norm) and np.isfinite(total_loss)):
             # A non-finite update would poison the adapters for good: drop it.
             return UpdateStats(total_loss, float("nan"), float("nan"), grad_norm, skipped=True)
-        optimizer.update(model, clipped)
+        step.update(clipped)
         mx.eval(model.trainable_parameters(), optimizer.state)
         tokens = max(sums["tokens"], 1.0)
         losses.append(total_loss)

@@ -292,3 +292,35 @@ def test_shared_prompts_are_used_unless_asked_not_to_or_checkpointing(tiny_model
     assert use_shared_prompts(model, TrainConfig())
     assert not use_shared_prompts(model, TrainConfig(share_prompts=False))
     assert not use_shared_prompts(model, TrainConfig(grad_checkpoint=True))
+
+
+def test_compiled_optimizer_step_matches_the_plain_one(tiny_model_dir):
+    from mlx_reasoner.trainer import make_optimizer, optimizer_step
+
+    config = TrainConfig(learning_rate=1e-2, warmup_steps=1, steps=4, max_grad_norm=0.5)
+    adapters, optimizers, grads = [], [], None
+    for compile in (True, False):
+        model, _ = mlx_lm.load(str(tiny_model_dir))
+        mx.random.seed(0)  # the same adapters to start from
+        attach_lora(model, lora_config(-1, 4))
+        if grads is None:
+            mx.random.seed(5)
+            grads = tree_map(lambda p: mx.random.normal(p.shape), model.trainable_parameters())
+        optimizer = make_optimizer(config)
+        for _ in range(3):
+            step = optimizer_step(model, optimizer, config.max_grad_norm, compile)
+            clipped, norm = step.clip(grads)
+            assert norm.item() > config.max_grad_norm  # the clipping is exercised
+            step.update(clipped)
+            mx.eval(model.trainable_parameters(), optimizer.state)
+        assert optimizer_step(model, optimizer, config.max_grad_norm, compile) is step  # kept
+        adapters.append(dict(tree_flatten(model.trainable_parameters())))
+        optimizers.append(optimizer)
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, value in adapters[0].items():
+        assert mx.allclose(value, adapters[1][name], rtol=1e-5, atol=1e-7).item(), name
+    assert optimizers[0].state["step"].item() == optimizers[1].state["step"].item() == 3
+    # A replaced state (as a resumed run sets) gets a new compiled step.
+    compiled = optimizers[0]
+    compiled.state = tree_unflatten(tree_flatten(compiled.state))
+    assert compiled.compiled_step.state is not compiled.state
