@@ -216,6 +216,7 @@ class OptimizerStep:
     model: nn.Module
     state: dict  # the optimizer state the update was compiled against
     max_norm: float
+    compiled: bool
     clip: Callable
     update: Callable
 
@@ -234,6 +235,7 @@ def optimizer_step(
         and step.model is model
         and step.state is optimizer.state
         and step.max_norm == max_norm
+        and step.compiled == compile
     ):
         return step
 
@@ -248,7 +250,7 @@ def optimizer_step(
         state = [model.state, optimizer.state]
         clip = mx.compile(clip)
         update = mx.compile(update, inputs=state, outputs=state)
-    step = OptimizerStep(model, optimizer.state, max_norm, clip, update)
+    step = OptimizerStep(model, optimizer.state, max_norm, compile, clip, update)
     optimizer.compiled_step = step
     return step
 
