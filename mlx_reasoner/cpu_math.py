@@ -41,9 +41,9 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
 from .blas import OFF_VALUES
+from .model import modules_replaced
 
 ENV_SWITCH = "MLX_REASONER_FAST_EXP"
 
@@ -280,24 +280,14 @@ class _SharedRoPE(nn.Module):
         return mx.concatenate(parts, axis=-1)
 
 
-@contextlib.contextmanager
-def shared_rope(model) -> Iterator[None]:
+def shared_rope(model) -> contextlib.AbstractContextManager:
     """Run ``model``'s ``nn.RoPE`` layers as ``_SharedRoPE``s, on the CPU only (where
     ``mx.fast.rope`` is a composition of ordinary operations; elsewhere it is one kernel and
     is left alone). The rollout's compiled decode step runs inside it."""
     if mx.default_device() != mx.cpu:
-        yield
-        return
-    ropes = [(name, m) for name, m in model.named_modules() if type(m) is nn.RoPE]
-    if not ropes:
-        yield
-        return
+        return contextlib.nullcontext(model)
     angles = _RopeAngles()
-    model.update_modules(tree_unflatten([(name, _SharedRoPE(m, angles)) for name, m in ropes]))
-    try:
-        yield
-    finally:
-        model.update_modules(tree_unflatten(ropes))
+    return modules_replaced(model, lambda m: type(m) is nn.RoPE, lambda m: _SharedRoPE(m, angles))
 
 
 def _swaps() -> dict[str, tuple[object, object]]:

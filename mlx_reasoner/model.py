@@ -6,7 +6,7 @@ bypassed, so no second copy of the model is ever held in memory.
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -117,7 +117,22 @@ def trainable_parameter_count(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+def modules_replaced(
+    model: nn.Module, select: Callable[[nn.Module], bool], replace: Callable[[nn.Module], nn.Module]
+) -> Iterator[nn.Module]:
+    """Run ``model`` with every module that ``select`` accepts replaced by ``replace(module)``,
+    then put the originals back (the replacements may share the originals' arrays)."""
+    chosen = [(name, m) for name, m in model.named_modules() if select(m)]
+    if chosen:
+        model.update_modules(tree_unflatten([(name, replace(m)) for name, m in chosen]))
+    try:
+        yield model
+    finally:
+        if chosen:
+            model.update_modules(tree_unflatten(chosen))
+
+
+def adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Run the base model: every LoRA layer is bypassed inside the block.
 
     The LoRA modules are swapped for the frozen linear layers they wrap, then put back,
@@ -125,12 +140,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """
     from mlx_lm.tuner.lora import LoRALinear
 
-    lora_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
-    model.update_modules(tree_unflatten([(name, m.linear) for name, m in lora_modules]))
-    try:
-        yield model
-    finally:
-        model.update_modules(tree_unflatten(lora_modules))
+    return modules_replaced(model, lambda m: isinstance(m, LoRALinear), lambda m: m.linear)
 
 
 class _AddmmLoRA(nn.Module):
@@ -162,22 +172,13 @@ class _AddmmLoRA(nn.Module):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-@contextlib.contextmanager
-def lora_as_addmm(model: nn.Module) -> Iterator[nn.Module]:
+def lora_as_addmm(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """Run every mlx-lm ``LoRALinear`` of ``model`` as ``_AddmmLoRA`` (same numbers to float
     rounding, fewer graph nodes), then put the layers back; the rollout's compiled decode
     step runs inside it."""
     from mlx_lm.tuner.lora import LoRALinear
 
-    lora_modules = [(name, m) for name, m in model.named_modules() if type(m) is LoRALinear]
-    if not lora_modules:
-        yield model
-        return
-    model.update_modules(tree_unflatten([(name, _AddmmLoRA(m)) for name, m in lora_modules]))
-    try:
-        yield model
-    finally:
-        model.update_modules(tree_unflatten(lora_modules))
+    return modules_replaced(model, lambda m: type(m) is LoRALinear, _AddmmLoRA)
 
 
 def load_adapters(model: nn.Module, adapter_path: str) -> dict:
