@@ -1,4 +1,4 @@
-"""Faster SwiGLU and attention for MLX's CPU backend on x86-64, swapped in while we run a model.
+"""Faster SwiGLU, attention, log-sum-exp and RoPE for MLX's CPU backend, used while we run a model.
 
 The Linux x86-64 ``mlx[cpu]`` wheel evaluates ``exp`` one float at a time, with each step of its
 polynomial a call into libm's ``fmaf``: about 10 ns per element for ``exp`` and ``softmax`` and
@@ -18,16 +18,23 @@ The swapped functions:
 - ``swiglu``: ``gate * x / (1 + e^-gate)``, equal to ``silu(gate) * x`` to float32 rounding,
   gradients included;
 - ``scaled_dot_product_attention``: scores, mask, a max-shifted softmax, values, equal to
-  ``mx.fast.scaled_dot_product_attention`` to float32 rounding.
+  ``mx.fast.scaled_dot_product_attention`` to float32 rounding; the query heads that share a
+  key/value head are rows of one matrix, one BLAS call per key/value head.
+
+The loss's log-sum-exp over the vocabulary takes the same exponential (``logsumexp``).
 
 Both have hand-written gradients that keep no more than mlx-lm's functions do (the sigmoid is
 recomputed from the gate; the softmax's gradient needs only its output), so peak memory does not
-grow. Together they cut the bench's training pass by about a fifth (docs/performance.md).
+grow. Together they take about 30% off the bench's training pass (docs/performance.md).
 The swap holds only while ``fast_activations(model)`` is open (the rollout and every
 log-probability pass open it), only for float32, only in the mlx-lm module that defines the
 model, and only for names that module takes from mlx-lm. ``MLX_REASONER_FAST_EXP=0`` turns it
 off; ``config.json`` and the bench record the choice under ``versions.activations``. macOS
 (Accelerate's vectorised ``exp``), GPUs and ARM CPUs are left alone.
+
+``shared_rope`` is separate: on any CPU, where ``mx.fast.rope`` is a composition of ordinary
+operations, the rollout's compiled decode step computes each step's RoPE angles once for all
+blocks instead of twice per block, with the same operations (bit-equal results).
 """
 
 from __future__ import annotations
