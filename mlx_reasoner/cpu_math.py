@@ -297,6 +297,92 @@ def shared_rope(model) -> contextlib.AbstractContextManager:
     return modules_replaced(model, lambda m: type(m) is nn.RoPE, lambda m: _SharedRoPE(m, angles))
 
 
+# OpenBLAS on x86-64 multiplies small matrices (M * N * K up to this) without packing them into
+# blocks first, except when the first operand is transposed and the product has more than
+# _SMALL_TN_OUTPUT elements (or K is under 32). ``x @ W.T``, as ``nn.Linear`` computes it, is
+# that case: at a decode step's few rows, a 640 x 256 weight is packed (copied) at every call.
+_SMALL_GEMM_WORK = 1_000_000
+_SMALL_TN_OUTPUT = 1200
+
+
+def _packed_when_transposed(out_features: int, in_features: int, rows: int) -> bool:
+    """Whether OpenBLAS packs ``x @ W.T`` for these sizes but would not pack ``x @ W_t``."""
+    small = out_features * rows * in_features <= _SMALL_GEMM_WORK
+    return small and (out_features * rows > _SMALL_TN_OUTPUT or in_features < 32)
+
+
+class _RowMajorLinear(nn.Module):
+    """``nn.Linear`` with its weight held transposed (``[in, out]``), for ``x @ W_t``."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.weight_t = mx.contiguous(linear.weight.T)
+        if "bias" in linear:
+            self.bias = linear.bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self:
+            return mx.addmm(self.bias, x, self.weight_t)
+        return x @ self.weight_t
+
+
+class _RowMajorHead(nn.Module):
+    """A tied embedding whose ``as_linear`` (the output layer) uses a transposed copy; the
+    token lookup still reads the embedding itself."""
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.embedding = embedding
+        self.weight_t = mx.contiguous(embedding.weight.T)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.embedding(x)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return x @ self.weight_t
+
+
+def small_weights_apply() -> bool:
+    """Whether ``small_weights_transposed`` applies here: MLX computing on an x86-64 CPU with
+    OpenBLAS (``blas.py``) for its matmuls."""
+    from .blas import blas_info
+
+    info = blas_info()
+    return (
+        mx.default_device() == mx.cpu
+        and platform.machine().lower() in ("x86_64", "amd64")
+        and info.enabled
+        and "openblas" in info.name.lower()
+    )
+
+
+def small_weights_transposed(model, rows: int) -> contextlib.AbstractContextManager:
+    """Run ``model`` with transposed copies of the weights that OpenBLAS would pack at every
+    call for ``rows`` input rows (``_packed_when_transposed``), then drop the copies.
+
+    Only with OpenBLAS on an x86-64 CPU, and only for weights small enough for its unpacked
+    kernels (at most ``_SMALL_GEMM_WORK / rows`` elements each, so at most a few MB in all;
+    a 3B model has none). The rollout's compiled decode step runs inside it: at the bench
+    model's 4 rows it skips nine weight copies per step (docs/performance.md). The numbers
+    are the same products, summed in another order (float32 rounding).
+    """
+    if not small_weights_apply():
+        return contextlib.nullcontext(model)
+    tied_head = "lm_head" not in model
+
+    def select(m: nn.Module) -> bool:
+        if type(m) is nn.Linear or (tied_head and type(m) is nn.Embedding):
+            return m.weight.ndim == 2 and _packed_when_transposed(*m.weight.shape, rows)
+        return False
+
+    def replace(m: nn.Module) -> nn.Module:
+        copy = _RowMajorLinear(m) if type(m) is nn.Linear else _RowMajorHead(m)
+        mx.eval(copy.weight_t)
+        return copy
+
+    return modules_replaced(model, select, replace)
+
+
 def _swaps() -> dict[str, tuple[object, object]]:
     """Module attribute -> (mlx-lm's function, the replacement)."""
     from mlx_lm.models.activations import swiglu

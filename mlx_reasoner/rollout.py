@@ -22,7 +22,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cpu_math import fast_activations, fast_activations_apply, shared_rope
+from .cpu_math import (
+    fast_activations,
+    fast_activations_apply,
+    shared_rope,
+    small_weights_transposed,
+)
 from .loss import _round_up
 from .model import lora_as_addmm
 
@@ -298,13 +303,16 @@ def _decode_compiled(model, prompts, caches, group_size, max_tokens, sampler, st
     """Decode every completion with the compiled fixed-shape step (``_DecoderCache``).
 
     The step runs with the LoRA layers as ``model.lora_as_addmm``'s and, on the CPU, the RoPE
-    layers as ``cpu_math.shared_rope``'s (fewer graph nodes, same numbers). The
+    layers as ``cpu_math.shared_rope``'s (fewer graph nodes, same numbers) and, with OpenBLAS,
+    the small weights it would pack at every call transposed once per rollout
+    (``cpu_math.small_weights_transposed``). The
     next step is queued before the last one's tokens are read, so the device never waits on
     Python; decoding stops once every row has met a stop token or ``max_tokens``. The buffers
     grow by ``CACHE_MULTIPLE`` columns when full, so a step's shapes change only then.
     ``record``, if given, receives each step's log-probabilities.
     """
-    with lora_as_addmm(model), shared_rope(model):
+    rows = len(prompts) * group_size
+    with lora_as_addmm(model), shared_rope(model), small_weights_transposed(model, rows):
         step = _DECODERS.step(model, sampler or _greedy)
         return _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record)
 

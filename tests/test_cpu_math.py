@@ -226,3 +226,59 @@ def test_shared_rope_swaps_only_plain_rope_and_puts_it_back(tiny_model):
         assert kinds == {"_SharedRoPE"}
         assert mx.array_equal(model(tokens), before).item()  # no cache: rope's own path
     assert all(type(layer.self_attn.rope) is nn.RoPE for layer in model.layers)
+
+
+@pytest.mark.parametrize(
+    "out_features, in_features, rows, packed",
+    [
+        (640, 256, 4, True),  # the bench model's MLP at a 4-row decode step
+        (512, 256, 4, True),  # its tied output layer
+        (256, 256, 4, False),  # 1024 outputs: OpenBLAS's unpacked kernel takes it as it is
+        (640, 256, 8, False),  # over a million multiply-adds: packed either way
+        (11008, 2048, 1, False),  # a 3B model's MLP: packed either way
+        (128, 16, 1, True),  # K under 32
+    ],
+)
+def test_which_weights_openblas_packs_when_transposed(out_features, in_features, rows, packed):
+    assert cpu_math._packed_when_transposed(out_features, in_features, rows) is packed
+
+
+def test_small_weights_transposed_gives_the_same_logits_and_puts_the_layers_back(
+    tiny_model, monkeypatch
+):
+    import mlx.nn as nn
+
+    from mlx_reasoner.cpu_math import small_weights_transposed
+
+    monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: True)
+    model, _ = tiny_model
+    tokens = mx.array([[3, 5, 7, 11]] * 3)  # 3 x 4 tokens: 12 rows for each layer
+    before = model(tokens)
+    originals = dict(model.named_modules())
+    with small_weights_transposed(model, rows=12):
+        swapped = {name: type(m).__name__ for name, m in model.named_modules()}
+        assert swapped["model.embed_tokens"] == "_RowMajorHead"  # tied: the output layer
+        mlp = model.layers[0].mlp
+        shape = mlp.gate_proj.weight_t.shape
+        assert shape == originals["model.layers.0.mlp.gate_proj"].weight.T.shape
+        assert type(mlp.down_proj) is nn.Linear  # 64 x 12 outputs: not packed, left alone
+        np.testing.assert_allclose(np.array(model(tokens)), np.array(before), atol=1e-5)
+    assert {name: type(m) for name, m in model.named_modules()} == {
+        name: type(m) for name, m in originals.items()
+    }
+    assert mx.array_equal(model(tokens), before).item()
+
+
+def test_small_weights_transposed_needs_openblas_on_the_cpu(tiny_model, monkeypatch):
+    import dataclasses
+
+    from mlx_reasoner import blas
+    from mlx_reasoner.cpu_math import small_weights_apply, small_weights_transposed
+
+    model, _ = tiny_model
+    reference = dataclasses.replace(blas.blas_info(), name=blas.REFERENCE_NAME, enabled=False)
+    monkeypatch.setattr(blas, "blas_info", lambda: reference)
+    assert not small_weights_apply()
+    layout = [(name, type(m)) for name, m in model.named_modules()]
+    with small_weights_transposed(model, rows=48):
+        assert [(name, type(m)) for name, m in model.named_modules()] == layout

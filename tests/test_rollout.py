@@ -198,6 +198,39 @@ def test_compiled_decode_gives_the_batch_generators_tokens(tiny_model, group_siz
     assert set(ours.finish_reasons) == {"stop", "length"}, "the sampler should give both"
 
 
+def test_compiled_decode_with_transposed_small_weights_gives_the_same_tokens(
+    tiny_model, monkeypatch
+):
+    """12 rows: the tiny model's MLP inputs and its tied output layer take transposed copies
+    (cpu_math.small_weights_transposed) inside the step, and the tokens stay the engine's."""
+    import contextlib
+
+    from mlx_reasoner import cpu_math, rollout
+
+    monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: True)
+    seen = []
+
+    @contextlib.contextmanager
+    def recording(model, rows):
+        with cpu_math.small_weights_transposed(model, rows):
+            seen.extend(type(m).__name__ for _, m in model.named_modules())
+            yield model
+
+    monkeypatch.setattr(rollout, "small_weights_transposed", recording)
+    model, tokenizer = tiny_model
+    perturbed_adapters(model)
+    (eos_id,) = tokenizer.eos_token_ids
+    prompts = prompts_for(tokenizer, FOUR_QUESTIONS)
+    sampler = argmax_or_eos(eos_id, every=9)
+    engine, ours = [
+        generate_groups(model, tokenizer, prompts, 3, 16, sampler, compiled=compiled)
+        for compiled in (False, True)
+    ]
+    assert {"_RowMajorLinear", "_RowMajorHead"} <= set(seen)
+    assert ours.completion_ids == engine.completion_ids
+    assert ours.finish_reasons == engine.finish_reasons
+
+
 @pytest.mark.parametrize("max_tokens", [16, CACHE_MULTIPLE + 6])
 def test_compiled_decode_samples_what_the_batch_generator_samples(tiny_model, max_tokens):
     """Same seed, same sampler, no early stops: the same random draws, so the same tokens,
