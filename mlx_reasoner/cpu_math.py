@@ -376,9 +376,8 @@ def small_weights_transposed(model, rows: int) -> contextlib.AbstractContextMana
         return False
 
     def replace(m: nn.Module) -> nn.Module:
-        copy = _RowMajorLinear(m) if type(m) is nn.Linear else _RowMajorHead(m)
-        mx.eval(copy.weight_t)
-        return copy
+        # Left lazy: the first decode step evaluates the copies with everything else.
+        return _RowMajorLinear(m) if type(m) is nn.Linear else _RowMajorHead(m)
 
     return modules_replaced(model, select, replace)
 
