@@ -320,6 +320,11 @@ class _RowMajorLinear(nn.Module):
         if "bias" in linear:
             self.bias = linear.bias
 
+    @property
+    def weight(self) -> mx.array:
+        """The weight as ``nn.Linear`` holds it (a view), for code that reads it."""
+        return self.weight_t.T
+
     def __call__(self, x: mx.array) -> mx.array:
         if "bias" in self:
             return mx.addmm(self.bias, x, self.weight_t)
@@ -334,6 +339,10 @@ class _RowMajorHead(nn.Module):
         super().__init__()
         self.embedding = embedding
         self.weight_t = mx.contiguous(embedding.weight.T)
+
+    @property
+    def weight(self) -> mx.array:
+        return self.embedding.weight
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.embedding(x)

@@ -262,6 +262,11 @@ def test_small_weights_transposed_gives_the_same_logits_and_puts_the_layers_back
         shape = mlp.gate_proj.weight_t.shape
         assert shape == originals["model.layers.0.mlp.gate_proj"].weight.T.shape
         assert type(mlp.down_proj) is nn.Linear  # 64 x 12 outputs: not packed, left alone
+        # Code that reads a layer's weight still finds it, as the original holds it.
+        assert mx.array_equal(
+            mlp.gate_proj.weight, originals["model.layers.0.mlp.gate_proj"].weight
+        )
+        assert model.model.embed_tokens.weight is originals["model.embed_tokens"].weight
         np.testing.assert_allclose(np.array(model(tokens)), np.array(before), atol=1e-5)
     assert {name: type(m) for name, m in model.named_modules()} == {
         name: type(m) for name, m in originals.items()
