@@ -6,6 +6,7 @@ the normalising constants come from the whole batch (``Normalizer``), which make
 gradient accumulation exact.
 """
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -229,8 +230,9 @@ class _SharedPrefixCache:
         )
 
 
-def _shared_prompt_hidden(model: nn.Module, batch: PackedBatch) -> mx.array:
-    """Final hidden states at each completion position, in the shared-prompt layout."""
+def _shared_prompt_rows(model: nn.Module, batch: PackedBatch) -> Callable[[slice], mx.array]:
+    """The shared-prompt layout: run the prefix pass (every prompt once), and return a function
+    giving the final hidden states at the completion positions of a slice of rows."""
     width, length = batch.prefix.shape[1], batch.tokens.shape[1]
     key = mx.arange(width)
     # Prefix pass: causal over real tokens; a padding query sees only itself (never a NaN).
@@ -248,8 +250,47 @@ def _shared_prompt_hidden(model: nn.Module, batch: PackedBatch) -> mx.array:
 
     caches = [_PrefixCache(prefix_mask) for _ in model.layers]
     model.model(batch.prefix, cache=caches)
-    shared = [_SharedPrefixCache(cache, batch.group_of, completion_mask) for cache in caches]
-    return model.model(batch.tokens, cache=shared)
+
+    def rows_hidden(rows: slice) -> mx.array:
+        group_of, mask = batch.group_of[rows], completion_mask[rows]
+        shared = [_SharedPrefixCache(cache, group_of, mask) for cache in caches]
+        return model.model(batch.tokens[rows], cache=shared)  # [rows, T, H]
+
+    return rows_hidden
+
+
+# The training pass's rows are split over this many CPU streams (threads), at most; MLX runs each
+# stream's kernels on its own thread, so on a multi-core CPU the halves run side by side.
+ROW_STREAMS_ENV = "MLX_REASONER_CPU_STREAMS"
+_side_streams: list = []
+
+
+def row_streams() -> int:
+    """How many CPU streams ``completion_logprobs`` splits its rows over:
+    ``MLX_REASONER_CPU_STREAMS`` if set (1 turns the split off), else 2 on a CPU with two or more
+    cores; 1 off the CPU."""
+    if mx.default_device() != mx.cpu:
+        return 1
+    setting = os.environ.get(ROW_STREAMS_ENV, "").strip()
+    if setting:
+        try:
+            return max(1, int(setting))
+        except ValueError:
+            return 1
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def _row_split(rows: int) -> list[tuple[mx.Stream, slice]]:
+    """Consecutive slices of ``rows``, each with the stream that computes it (the default first)."""
+    parts = min(row_streams(), rows)
+    default = mx.default_stream(mx.default_device())
+    if parts <= 1:
+        return [(default, slice(0, rows))]
+    while len(_side_streams) < parts - 1:
+        _side_streams.append(mx.new_stream(mx.cpu))
+    bounds = [round(i * rows / parts) for i in range(parts + 1)]
+    streams = [default, *_side_streams[: parts - 1]]
+    return [(s, slice(a, b)) for s, a, b in zip(streams, bounds, bounds[1:])]
 
 
 def output_head(model: nn.Module) -> tuple[nn.Module, Callable[[mx.array], mx.array]]:
@@ -303,7 +344,9 @@ def completion_logprobs(
     Only hidden states at completion positions are projected onto the vocabulary, and
     that projection runs in chunks of ``chunk_size`` positions under ``mx.checkpoint``,
     so float32 logits for the whole ``[B, T, vocab]`` never exist at once, in the forward
-    or the backward pass.
+    or the backward pass. On a CPU the rows are split over ``row_streams()`` streams, which
+    MLX runs on threads of their own (the prompts' pass, shared by all rows, runs first); each
+    row's numbers are the same either way.
 
     Args:
         model: an mlx-lm causal LM exposing ``model.model`` (the decoder stack).
@@ -316,22 +359,35 @@ def completion_logprobs(
     Returns:
         ``[B, T]`` float32 log-probabilities (garbage where ``batch.mask`` is 0).
     """
-    with fast_activations(model):
-        if batch.shares_prompts:
-            hidden = _shared_prompt_hidden(model, batch)  # [B, T, H]
-        else:
-            hidden = model.model(batch.tokens)  # [B, L, H]
-            hidden = mx.take_along_axis(hidden, batch.positions[..., None], axis=1)  # [B, T, H]
     head_module, head = output_head(model)
     chunk_fn = _chunk_logprobs(head, temperature)
-    pieces = []
-    for start in range(0, batch.targets.shape[1], chunk_size):
-        targets = batch.targets[:, start : start + chunk_size]
-        # Targets are closed over (checkpoint differentiates its inputs); the head's weights
-        # are passed through nn.utils.checkpoint so a trainable head still gets gradients.
-        checkpointed = nn.utils.checkpoint(head_module, lambda h, t=targets: chunk_fn(h, t))
-        pieces.append(checkpointed(hidden[:, start : start + chunk_size]))
-    return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
+
+    def rows_logprobs(hidden: mx.array, targets: mx.array) -> mx.array:
+        pieces = []
+        for start in range(0, targets.shape[1], chunk_size):
+            chunk_targets = targets[:, start : start + chunk_size]
+            # Targets are closed over (checkpoint differentiates its inputs); the head's weights
+            # are passed through nn.utils.checkpoint so a trainable head still gets gradients.
+            checkpointed = nn.utils.checkpoint(
+                head_module, lambda h, t=chunk_targets: chunk_fn(h, t)
+            )
+            pieces.append(checkpointed(hidden[:, start : start + chunk_size]))
+        return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
+
+    with fast_activations(model):
+        if batch.shares_prompts:
+            rows_hidden = _shared_prompt_rows(model, batch)
+        else:
+
+            def rows_hidden(rows: slice) -> mx.array:
+                hidden = model.model(batch.tokens[rows])  # [rows, L, H]
+                return mx.take_along_axis(hidden, batch.positions[rows][..., None], axis=1)
+
+        parts = []
+        for stream, rows in _row_split(len(batch)):
+            with mx.stream(stream):
+                parts.append(rows_logprobs(rows_hidden(rows), batch.targets[rows]))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 
 def token_kl(logp: mx.array, ref_logp: mx.array) -> mx.array:

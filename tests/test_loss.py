@@ -643,8 +643,10 @@ def test_shared_prompt_logprobs_match_full_logits(tie, temperature, pad_multiple
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "lm_head"])
 def test_shared_prompt_gradients_match_packed(tie, monkeypatch):
     # The layouts are compared on mlx-lm's own activations; cpu_math's are checked against
-    # those in tests/test_cpu_math.py (their rounding differs, and this bound is tight).
+    # those in tests/test_cpu_math.py (their rounding differs, and this bound is tight). For
+    # the same reason the rows stay on one stream (the split is checked below).
     monkeypatch.setenv("MLX_REASONER_FAST_EXP", "0")
+    monkeypatch.setenv("MLX_REASONER_CPU_STREAMS", "1")
     model = tiny_qwen2(seed=4, tie=tie)
     prompts = [PROMPTS[g] for g in GROUP_OF]
     packed = pack_sequences(prompts, GROUP_COMPLETIONS, np.zeros(6), pad_multiple=4)
@@ -756,3 +758,62 @@ def test_chunked_logprob_gradients_match_full_logits_in_head(tie):
     np.testing.assert_allclose(
         np.array(grads[name]), np.array(ref_grads[name]), rtol=1e-4, atol=1e-6, err_msg=name
     )
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared"])
+@pytest.mark.parametrize("streams", [2, 3])
+def test_rows_split_over_cpu_streams_give_the_same_logprobs_and_gradients(
+    layout, streams, monkeypatch
+):
+    from mlx_reasoner import loss
+
+    model = tiny_qwen2(seed=6)
+    prompts = [PROMPTS[g] for g in GROUP_OF]
+    if layout == "packed":
+        batch = pack_sequences(prompts, GROUP_COMPLETIONS, np.zeros(6), pad_multiple=4)
+    else:
+        batch = pack_groups(PROMPTS, GROUP_OF, GROUP_COMPLETIONS, np.zeros(6), pad_multiple=4)
+    weights = mx.array(np.random.default_rng(7).normal(size=batch.mask.shape), dtype=mx.float32)
+    weights = weights * batch.mask
+
+    def run(setting):
+        monkeypatch.setenv(loss.ROW_STREAMS_ENV, setting)
+        logp = completion_logprobs(model, batch, 0.7, chunk_size=2)
+        value, grads = nn.value_and_grad(
+            model, lambda m: (completion_logprobs(m, batch, 0.7, chunk_size=2) * weights).sum()
+        )(model)
+        return logp, value, dict(tree_flatten(grads))
+
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
+    monkeypatch.setenv(loss.ROW_STREAMS_ENV, str(streams))
+    assert [s.stop - s.start for _, s in loss._row_split(6)] == (
+        [3, 3] if streams == 2 else [2, 2, 2]
+    )
+    one_logp, one_value, one_grads = run("1")
+    logp, value, grads = run(str(streams))
+    mask = np.array(batch.mask) > 0
+    np.testing.assert_allclose(np.array(logp)[mask], np.array(one_logp)[mask], rtol=1e-5, atol=1e-6)
+    assert value.item() == pytest.approx(one_value.item(), rel=1e-5)
+    for name, grad in grads.items():
+        np.testing.assert_allclose(np.array(grad), np.array(one_grads[name]), rtol=1e-4, atol=1e-5)
+
+
+def test_row_streams_setting(monkeypatch):
+    from mlx_reasoner import loss
+
+    monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
+    monkeypatch.setenv(loss.ROW_STREAMS_ENV, "1")
+    assert loss.row_streams() == 1
+    assert len(loss._row_split(8)) == 1
+    monkeypatch.setenv(loss.ROW_STREAMS_ENV, "4")
+    assert [s.stop - s.start for _, s in loss._row_split(2)] == [1, 1]  # never more than the rows
+    monkeypatch.setenv(loss.ROW_STREAMS_ENV, "two")
+    assert loss.row_streams() == 1  # unreadable: no split
+    monkeypatch.delenv(loss.ROW_STREAMS_ENV)
+    monkeypatch.setattr(loss.os, "cpu_count", lambda: 2)
+    assert loss.row_streams() == 2
+    monkeypatch.setattr(loss.os, "cpu_count", lambda: 1)
+    assert loss.row_streams() == 1
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(loss.os, "cpu_count", lambda: 8)
+    assert loss.row_streams() == 1  # a GPU: left alone
