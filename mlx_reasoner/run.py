@@ -19,6 +19,7 @@ from .checkpoints import JsonlWriter, atomic_write_json, prepare_run_dir, save_a
 from .config import TrainConfig
 from .cpu_math import fast_activations_apply
 from .errors import ReasonerError
+from .loss import row_streams
 
 if TYPE_CHECKING:
     from .trainer import StepHooks
@@ -38,6 +39,7 @@ def _versions() -> dict[str, str]:
         "device": str(mx.default_device()),
         "blas": blas_info().as_dict(),
         "activations": "fast exp (cpu_math)" if fast_activations_apply() else "mlx-lm",
+        "training_streams": row_streams(),  # loss.completion_logprobs's rows split over these
     }
 
 

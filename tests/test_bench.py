@@ -60,6 +60,7 @@ def test_bench_cli_writes_every_figure(tiny_model_dir, tmp_path):
         assert isinstance(figures[key], float) and math.isfinite(figures[key]), key
         assert figures[key] > 0, key
     assert figures["blas"] and figures["device"] and figures["versions"]["mlx"]
+    assert figures["versions"]["training_streams"] >= 1
     assert figures["parameters"] > figures["trainable_parameters"] > 0
     assert figures["settings"]["beta"] == 0.04 and figures["settings"]["ignore_eos"] is True
     assert figures["measured_steps"] == 2
