@@ -181,17 +181,22 @@ def move_adapters(model, scale: float):
 FOUR_QUESTIONS = ["short?", "a much longer question, padded differently?", "one?", "two?"]
 
 
-@pytest.mark.parametrize("group_size", [1, 3])
-def test_compiled_decode_gives_the_batch_generators_tokens(tiny_model, group_size):
+def decode_both_ways(tiny_model, group_size: int):
+    """The four questions through ``BatchGenerator`` and through the compiled decode."""
     model, tokenizer = tiny_model
     perturbed_adapters(model)
     (eos_id,) = tokenizer.eos_token_ids
     prompts = prompts_for(tokenizer, FOUR_QUESTIONS)
     sampler = argmax_or_eos(eos_id, every=9)
-    engine, ours = [
+    return [
         generate_groups(model, tokenizer, prompts, group_size, 16, sampler, compiled=compiled)
         for compiled in (False, True)
     ]
+
+
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_compiled_decode_gives_the_batch_generators_tokens(tiny_model, group_size):
+    engine, ours = decode_both_ways(tiny_model, group_size)
     assert ours.completion_ids == engine.completion_ids
     assert ours.finish_reasons == engine.finish_reasons
     assert ours.texts == engine.texts
@@ -217,15 +222,7 @@ def test_compiled_decode_with_transposed_small_weights_gives_the_same_tokens(
             yield model
 
     monkeypatch.setattr(rollout, "small_weights_transposed", recording)
-    model, tokenizer = tiny_model
-    perturbed_adapters(model)
-    (eos_id,) = tokenizer.eos_token_ids
-    prompts = prompts_for(tokenizer, FOUR_QUESTIONS)
-    sampler = argmax_or_eos(eos_id, every=9)
-    engine, ours = [
-        generate_groups(model, tokenizer, prompts, 3, 16, sampler, compiled=compiled)
-        for compiled in (False, True)
-    ]
+    engine, ours = decode_both_ways(tiny_model, 3)
     assert {"_RowMajorLinear", "_RowMajorHead"} <= set(seen)
     assert ours.completion_ids == engine.completion_ids
     assert ours.finish_reasons == engine.finish_reasons
