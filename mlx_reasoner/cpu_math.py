@@ -49,7 +49,7 @@ from collections.abc import Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
-from .blas import OFF_VALUES
+from .blas import OFF_VALUES, blas_info
 from .model import modules_replaced
 
 ENV_SWITCH = "MLX_REASONER_FAST_EXP"
@@ -354,8 +354,6 @@ class _RowMajorHead(nn.Module):
 def small_weights_apply() -> bool:
     """Whether ``small_weights_transposed`` applies here: MLX computing on an x86-64 CPU with
     OpenBLAS (``blas.py``) for its matmuls."""
-    from .blas import blas_info
-
     info = blas_info()
     return (
         mx.default_device() == mx.cpu
