@@ -282,7 +282,7 @@ def test_small_weights_transposed_needs_openblas_on_the_cpu(tiny_model, monkeypa
 
     model, _ = tiny_model
     reference = dataclasses.replace(blas.blas_info(), name=blas.REFERENCE_NAME, enabled=False)
-    monkeypatch.setattr(blas, "blas_info", lambda: reference)
+    monkeypatch.setattr(cpu_math, "blas_info", lambda: reference)
     assert not small_weights_apply()
     layout = [(name, type(m)) for name, m in model.named_modules()]
     with small_weights_transposed(model, rows=48):
