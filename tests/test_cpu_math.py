@@ -287,3 +287,33 @@ def test_small_weights_transposed_needs_openblas_on_the_cpu(tiny_model, monkeypa
     layout = [(name, type(m)) for name, m in model.named_modules()]
     with small_weights_transposed(model, rows=48):
         assert [(name, type(m)) for name, m in model.named_modules()] == layout
+
+
+def test_small_weights_transposed_takes_an_untied_head_and_leaves_the_embedding(monkeypatch):
+    import mlx.nn as nn
+    from mlx_lm.models import qwen2
+
+    from mlx_reasoner.cpu_math import small_weights_transposed
+
+    monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: True)
+    mx.random.seed(1)
+    args = qwen2.ModelArgs(
+        model_type="qwen2",
+        hidden_size=64,
+        num_hidden_layers=1,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        vocab_size=200,
+        tie_word_embeddings=False,
+    )
+    model = qwen2.Model(args)
+    mx.eval(model.parameters())
+    tokens = mx.array([[3, 5, 7, 11]] * 3)
+    before = model(tokens)
+    with small_weights_transposed(model, rows=12):  # 200 x 12 outputs: packed when transposed
+        assert type(model.lm_head).__name__ == "_RowMajorLinear"
+        assert type(model.model.embed_tokens) is nn.Embedding  # untied: only a lookup
+        np.testing.assert_allclose(np.array(model(tokens)), np.array(before), atol=1e-5)
+    assert type(model.lm_head) is nn.Linear
