@@ -55,13 +55,14 @@ from .model import modules_replaced
 ENV_SWITCH = "MLX_REASONER_FAST_EXP"
 
 
+def _on_x86_cpu() -> bool:
+    """Whether MLX computes on an x86-64 CPU (where this module's swaps are measured)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and mx.default_device() == mx.cpu
+
+
 def fast_activations_apply() -> bool:
     """Whether the swap applies here: MLX computing on an x86-64 CPU, not switched off."""
-    return (
-        os.environ.get(ENV_SWITCH, "").strip().lower() not in OFF_VALUES
-        and platform.machine().lower() in ("x86_64", "amd64")
-        and mx.default_device() == mx.cpu
-    )
+    return os.environ.get(ENV_SWITCH, "").strip().lower() not in OFF_VALUES and _on_x86_cpu()
 
 
 # Arrays of at least this many elements take ``exp_polynomial``; smaller ones (a decode step's)
@@ -355,12 +356,7 @@ def small_weights_apply() -> bool:
     """Whether ``small_weights_transposed`` applies here: MLX computing on an x86-64 CPU with
     OpenBLAS (``blas.py``) for its matmuls."""
     info = blas_info()
-    return (
-        mx.default_device() == mx.cpu
-        and platform.machine().lower() in ("x86_64", "amd64")
-        and info.enabled
-        and "openblas" in info.name.lower()
-    )
+    return _on_x86_cpu() and info.enabled and "openblas" in info.name.lower()
 
 
 def small_weights_transposed(model, rows: int) -> contextlib.AbstractContextManager:
