@@ -4,16 +4,19 @@ Each prompt is prefilled once; its KV cache is then handed to every member of it
 and all completions of the step decode together in one batch. Token ids are kept exactly
 as sampled, so the loss scores the very tokens the policy produced.
 
-Two decoders run the batch, both on mlx-lm's own model code and sampler:
+Two decoders run the batch, both with mlx-lm's sampler:
 
 - the *compiled* decode (models with plain KV caches, checked once per model by
   ``compiled_decode_supported``): the group's caches are laid into fixed-size buffers, so
   every decode step has the same shapes and the whole step (model, log-softmax, sampling)
-  is one ``mx.compile``d graph, traced once per shape;
+  is one ``mx.compile``d graph, traced once per shape. For mlx-lm's Qwen2 and Llama models
+  the step is ``fused_decode``'s, written out on 2-D rows with fewer graph nodes ("fused");
+  for other models it runs mlx-lm's modules ("compiled");
 - mlx-lm's ``BatchGenerator`` for every other model (sliding-window, quantized or
   recurrent caches, or a model the check rejects).
 """
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ from .cpu_math import (
     shared_rope,
     small_weights_transposed,
 )
+from .fused_decode import block_ropes, fused_decode_apply, fused_plan, fused_step
 from .loss import _round_up
 from .model import lora_as_addmm
 
@@ -43,7 +47,7 @@ class Rollouts:
     texts: list[str]  # decoded completions without the stop token
     prompt_tokens: int = 0  # prompt tokens prefilled (each prompt once)
     generation_seconds: float = 0.0
-    decoder: str = ""  # "compiled" or "BatchGenerator": which decode ran
+    decoder: str = ""  # "fused", "compiled" or "BatchGenerator": which decode ran
     stats: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -107,11 +111,10 @@ def generate_groups(
         if compiled is None:
             compiled = all(len(p) > 1 for p in prompts) and compiled_decode_supported(model)
         decode = _decode_compiled if compiled else _decode_batch_generator
-        completion_ids, finish_reasons = decode(
+        completion_ids, finish_reasons, decoder = decode(
             model, prompts, caches, group_size, max_tokens, sampler, stop
         )
     del caches
-    decoder = "compiled" if compiled else "BatchGenerator"
     eos = set(eos_ids)
     texts = [
         tokenizer.decode(ids[:-1] if reason == "stop" and ids and ids[-1] in eos else ids)
@@ -158,7 +161,7 @@ def _decode_batch_generator(model, prompts, caches, group_size, max_tokens, samp
                     reasons[response.uid] = response.finish_reason
     finally:
         generator.close()
-    return [tokens[uid] for uid in uids], [reasons[uid] for uid in uids]
+    return [tokens[uid] for uid in uids], [reasons[uid] for uid in uids], "BatchGenerator"
 
 
 # --- the compiled decode ---------------------------------------------------------------------
@@ -239,8 +242,25 @@ class _DecoderCache:
         if self.model is not model:
             self.model, self.layouts = model, {}
         layout = tuple((name, type(m).__name__) for name, m in model.named_modules())
-        key = (layout, fast_activations_apply())
-        return self.layouts.setdefault(key, {"supported": None, "steps": []})
+        key = (layout, fast_activations_apply(), fused_decode_apply())
+        # "fused": whether fused_decode's step passed the check (None: not checked yet)
+        entry = {"supported": None, "fused": None, "steps": [], "fused_steps": []}
+        return self.layouts.setdefault(key, entry)
+
+    def fused(self, model: nn.Module, plan, sampler: Callable) -> Callable:
+        """The compiled ``fused_decode.fused_step`` for this plan and sampler."""
+        steps = self.entry(model)["fused_steps"]  # [((plan, sampler), compiled step)]
+        for known, fn in steps:
+            if known[0] == plan and known[1] is sampler:
+                return fn
+        fn = mx.compile(
+            fused_step(plan, block_ropes(model), sampler),
+            inputs=[mx.random.state],
+            outputs=[mx.random.state],
+        )
+        steps.insert(0, ((plan, sampler), fn))
+        del steps[2 * self.samplers :]
+        return fn
 
     def step(self, model: nn.Module, sampler: Callable) -> Callable:
         steps = self.entry(model)["steps"]  # [(sampler, compiled step)], newest first
@@ -299,22 +319,36 @@ def _widen(buffers: list[mx.array], columns: int) -> list[mx.array]:
     return [mx.concatenate([b, extra], axis=2) for b in buffers]
 
 
-def _decode_compiled(model, prompts, caches, group_size, max_tokens, sampler, stop, record=None):
+def _decode_compiled(
+    model, prompts, caches, group_size, max_tokens, sampler, stop, record=None, fused=None
+):
     """Decode every completion with the compiled fixed-shape step (``_DecoderCache``).
 
-    The step runs with the LoRA layers as ``model.lora_as_addmm``'s and, on the CPU, the RoPE
-    layers as ``cpu_math.shared_rope``'s (fewer graph nodes, same numbers) and, with OpenBLAS,
-    the small weights it would pack at every call transposed once per rollout
-    (``cpu_math.small_weights_transposed``). The
-    next step is queued before the last one's tokens are read, so the device never waits on
-    Python; decoding stops once every row has met a stop token or ``max_tokens``. The buffers
-    grow by ``CACHE_MULTIPLE`` columns when full, so a step's shapes change only then.
+    Where ``fused_decode.fused_plan`` accepts the model (and, with ``fused=None``, the check
+    has not rejected it), the step is ``fused_decode``'s, on arrays prepared for this rollout.
+    Otherwise it runs mlx-lm's modules, with the LoRA layers as ``model.lora_as_addmm``'s and,
+    on the CPU, the RoPE layers as ``cpu_math.shared_rope``'s (fewer graph nodes, same numbers)
+    and, with OpenBLAS, the small weights it would pack at every call transposed once per
+    rollout (``cpu_math.small_weights_transposed``). The next step is queued before the last
+    one's tokens are read, so the device never waits on Python; decoding stops once every row
+    has met a stop token or ``max_tokens``. The buffers grow by ``CACHE_MULTIPLE`` columns when
+    full, so a step's shapes change only then. Returns the completions, their finish reasons
+    and which step ran ("fused" or "compiled").
     ``record``, if given, receives each step's log-probabilities.
     """
     rows = len(prompts) * group_size
+    sampler = sampler or _greedy
+    if fused is None:
+        fused = _DECODERS.entry(model)["fused"] is not False
+    planned = fused_plan(model, rows) if fused else None
+    if planned is not None:
+        plan, params = planned
+        step = functools.partial(_DECODERS.fused(model, plan, sampler), params)
+        return (*_decode_loop(step, prompts, caches, group_size, max_tokens, stop, record), "fused")
     with lora_as_addmm(model), shared_rope(model), small_weights_transposed(model, rows):
-        step = _DECODERS.step(model, sampler or _greedy)
-        return _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record)
+        step = _DECODERS.step(model, sampler)
+        decoded = _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record)
+    return (*decoded, "compiled")
 
 
 def _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record):
@@ -365,7 +399,9 @@ def compiled_decode_supported(model: nn.Module) -> bool:
     with per-row positions. The answer is checked once per model and module layout: two
     prompts of different lengths decode three greedy tokens through the compiled step (so a
     backend that cannot compile it is found out here), and the log-probabilities must match a
-    full forward pass over each sequence (to 1e-3 in float32, 0.05 in half precision).
+    full forward pass over each sequence (to 1e-3 in float32, 0.05 in half precision). The
+    fused step (``fused_decode``), where it applies, is checked first; if it fails, the
+    module decode is checked and used instead.
     """
     from mlx_lm.models.cache import KVCache, make_prompt_cache
 
@@ -376,19 +412,27 @@ def compiled_decode_supported(model: nn.Module) -> bool:
         entry["supported"] = False
         try:
             if all(type(c) is KVCache for c in make_prompt_cache(model)):
-                entry["supported"] = _check_fixed_decode(model)
+                entry["fused"] = fused_plan(model, 2) is not None and _check_fixed_decode(
+                    model, fused=True
+                )
+                entry["supported"] = entry["fused"] or _check_fixed_decode(model, fused=False)
         except Exception:  # any model the stand-in caches do not fit: use the BatchGenerator
             pass
     return entry["supported"]
 
 
-def _check_fixed_decode(model: nn.Module) -> bool:
+def _check_fixed_decode(model: nn.Module, fused: bool) -> bool:
     prompts = [[3, 5, 7, 11, 13], [17, 19]]
     caches = [prefill_prompt(model, p) for p in prompts]
     logprobs = []  # from the compiled step, so a backend that cannot compile it fails here
-    completions, _ = _decode_compiled(
-        model, prompts, caches, 1, 3, None, frozenset(), record=logprobs.append
-    )
+    try:
+        completions, _, _ = _decode_compiled(
+            model, prompts, caches, 1, 3, None, frozenset(), record=logprobs.append, fused=fused
+        )
+    except Exception:
+        if fused:  # the module decode may still work
+            return False
+        raise
     got = mx.stack(logprobs[:3], axis=1).astype(mx.float32)  # [rows, 3, vocab]
     tolerance = 1e-3 if logprobs[0].dtype == mx.float32 else 0.05
     for row, (prompt, completion) in enumerate(zip(prompts, completions)):

@@ -65,7 +65,7 @@ def test_bench_cli_writes_every_figure(tiny_model_dir, tmp_path):
     assert figures["settings"]["beta"] == 0.04 and figures["settings"]["ignore_eos"] is True
     assert figures["measured_steps"] == 2
     assert figures["train_layout"] == "shared prompts"  # a Qwen2 model takes it
-    assert figures["rollout_decoder"] == "compiled"  # and the compiled decode
+    assert figures["rollout_decoder"] == "fused"  # and the fused compiled decode
     assert [r["warmup"] for r in figures["steps"]] == [True, False, False]
     for record in figures["steps"]:
         # Completions run to full length, in our rollout and in the raw engine alike.

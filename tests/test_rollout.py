@@ -178,6 +178,14 @@ def move_adapters(model, scale: float):
     )
 
 
+@pytest.fixture(params=["fused", "compiled"])
+def decode_step(request, monkeypatch):
+    """Run a test with each compiled decode step: fused_decode's, and mlx-lm's modules
+    (``MLX_REASONER_FUSED_DECODE=0``). Gives the decoder name the rollouts report."""
+    monkeypatch.setenv("MLX_REASONER_FUSED_DECODE", "1" if request.param == "fused" else "0")
+    return request.param
+
+
 FOUR_QUESTIONS = ["short?", "a much longer question, padded differently?", "one?", "two?"]
 
 
@@ -195,8 +203,9 @@ def decode_both_ways(tiny_model, group_size: int):
 
 
 @pytest.mark.parametrize("group_size", [1, 3])
-def test_compiled_decode_gives_the_batch_generators_tokens(tiny_model, group_size):
+def test_compiled_decode_gives_the_batch_generators_tokens(tiny_model, group_size, decode_step):
     engine, ours = decode_both_ways(tiny_model, group_size)
+    assert ours.decoder == decode_step
     assert ours.completion_ids == engine.completion_ids
     assert ours.finish_reasons == engine.finish_reasons
     assert ours.texts == engine.texts
@@ -212,6 +221,7 @@ def test_compiled_decode_with_transposed_small_weights_gives_the_same_tokens(
 
     from mlx_reasoner import cpu_math, rollout
 
+    monkeypatch.setenv("MLX_REASONER_FUSED_DECODE", "0")  # the module decode's swap
     monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: True)
     seen = []
 
@@ -229,7 +239,9 @@ def test_compiled_decode_with_transposed_small_weights_gives_the_same_tokens(
 
 
 @pytest.mark.parametrize("max_tokens", [16, CACHE_MULTIPLE + 6])
-def test_compiled_decode_samples_what_the_batch_generator_samples(tiny_model, max_tokens):
+def test_compiled_decode_samples_what_the_batch_generator_samples(
+    tiny_model, max_tokens, decode_step
+):
     """Same seed, same sampler, no early stops: the same random draws, so the same tokens,
     also after the KV buffers have grown."""
     from mlx_lm.sample_utils import make_sampler
@@ -245,12 +257,14 @@ def test_compiled_decode_samples_what_the_batch_generator_samples(tiny_model, ma
                 model, tokenizer, prompts, 4, max_tokens, sampler, True, compiled=compiled
             )
         )
-    assert [r.decoder for r in results] == ["BatchGenerator", "compiled"]
+    assert [r.decoder for r in results] == ["BatchGenerator", decode_step]
     assert results[1].completion_ids == results[0].completion_ids
     assert len({tuple(ids) for ids in results[1].completion_ids}) > 1, "samples should differ"
 
 
-def test_compiled_decode_follows_adapter_updates_and_adapters_disabled(tiny_model, tiny_model_dir):
+def test_compiled_decode_follows_adapter_updates_and_adapters_disabled(
+    tiny_model, tiny_model_dir, decode_step
+):
     """The compiled step reads the current weights, and a trace made with the adapters on is
     never reused with them off."""
     import mlx_lm
@@ -277,7 +291,9 @@ def test_compiled_decode_follows_adapter_updates_and_adapters_disabled(tiny_mode
     assert greedy(model) == adapted
 
 
-def test_the_compiled_decode_lets_go_of_a_model_once_another_is_decoded(tiny_model_dir):
+def test_the_compiled_decode_lets_go_of_a_model_once_another_is_decoded(
+    tiny_model_dir, decode_step
+):
     import gc
     import weakref
 
@@ -285,7 +301,7 @@ def test_the_compiled_decode_lets_go_of_a_model_once_another_is_decoded(tiny_mod
 
     first, tokenizer = mlx_lm.load(str(tiny_model_dir))
     prompts = prompts_for(tokenizer, ["q?"])
-    assert generate_groups(first, tokenizer, prompts, 2, 4).decoder == "compiled"
+    assert generate_groups(first, tokenizer, prompts, 2, 4).decoder == decode_step
     released = weakref.ref(first)
     del first
     second, _ = mlx_lm.load(str(tiny_model_dir))

@@ -1,0 +1,359 @@
+"""The rollout's decode step for Qwen2- and Llama-style models, written out on 2-D rows.
+
+A decode step of a small model is a few hundred tiny operations, and on the CPU backend each
+graph node has a fixed cost of a few microseconds, more than most of them compute
+(docs/performance.md, "Where a decode step's time goes"). Run as mlx-lm's modules, one step of
+the bench model is 370 nodes. ``fused_step`` computes the same step as one function over the
+rows as ``[rows, features]`` matrices, with about 40% fewer nodes:
+
+- the query, key and value projections as one product, their weights joined once per rollout
+  while the joined copies stay small (``JOIN_LIMIT_BYTES``), and their LoRA terms as one more;
+- RoPE once over the queries and keys together, with the angles computed once per step;
+- each block's residual adds folded into its output projections' ``addmm``;
+- no reshapes between blocks, and no custom-gradient wrappers (nothing is differentiated).
+
+It applies only to the module layouts it was written for (``fused_plan``): mlx-lm's ``qwen2``
+and ``llama`` models, their linear layers plain ``nn.Linear`` or mlx-lm ``LoRALinear``s over
+them, with no dropout, one process. Anything else (quantized weights, other blocks, DoRA, a
+pipeline) takes the module-swap decode. The rollout checks the step once per model layout
+against a full forward pass, as it checks the other decode (``rollout.compiled_decode_supported``).
+``MLX_REASONER_FUSED_DECODE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import cpu_math
+from .blas import OFF_VALUES
+
+ENV_SWITCH = "MLX_REASONER_FUSED_DECODE"
+
+# The joined query/key/value weights are a copy, made afresh at each rollout (the base may be
+# trained too). They are joined only while all of them together stay under this size: that
+# covers models up to about 0.5B parameters, where the per-node cost matters; a 3B model's
+# step is bound by reading its weights, and keeps its three products.
+JOIN_LIMIT_BYTES = 64 * 2**20
+
+
+def fused_decode_apply() -> bool:
+    """Whether the fused step may be used (``MLX_REASONER_FUSED_DECODE`` not off)."""
+    return os.environ.get(ENV_SWITCH, "").strip().lower() not in OFF_VALUES
+
+
+@dataclass(frozen=True)
+class _Projection:
+    """What a projection's step code needs to know beyond its arrays."""
+
+    bias: bool
+    lora_scale: float | None  # None: no adapter; 1.0 where the scales are folded into B
+    lora_cast: bool  # the adapter's dtype differs from the base's: mlx-lm's cast-and-add
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The static part of a fused step: a new plan is a new trace."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    joined: bool  # one query/key/value product
+    layers: tuple  # per block: (norm eps, post norm eps, {name: _Projection})
+    norm_eps: float
+    tied: bool
+    head: _Projection | None  # the untied output layer
+    fast_exp: bool  # cpu_math's exponential (float32 on an x86-64 CPU)
+    fold_residual: bool  # float32: residual adds inside the addmm (half precision rounds twice)
+    shared_angles: bool  # nn.RoPE on the CPU: the angles once per step
+
+
+def _model_modules():
+    from mlx_lm.models import llama, qwen2
+
+    return (qwen2, llama)
+
+
+def _parts(m: nn.Module):
+    """``(base nn.Linear, LoRA layer or None)`` for a projection the fused step can run."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    if type(m) is nn.Linear:
+        return m, None
+    if type(m) is LoRALinear and type(m.linear) is nn.Linear:
+        dropout = m.dropout
+        if isinstance(dropout, nn.Dropout) and getattr(dropout, "_p_1", 1.0) != 1.0:
+            return None  # a dropout mask per projection: the module decode keeps that
+        return m.linear, m
+    return None
+
+
+def _supported_layout(model: nn.Module) -> bool:
+    modules = _model_modules()
+    module = next((mod for mod in modules if type(model) is mod.Model), None)
+    if module is None or not isinstance(getattr(model, "model", None), nn.Module):
+        return False
+    inner = model.model
+    if getattr(inner, "pipeline_size", 1) != 1:
+        return False
+    if type(inner.embed_tokens) is not nn.Embedding or type(inner.norm) is not nn.RMSNorm:
+        return False
+    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    if tied == ("lm_head" in model) or (not tied and _parts(model.lm_head) is None):
+        return False
+    for layer in inner.layers:
+        if type(layer) is not module.TransformerBlock or getattr(layer, "use_sliding", False):
+            return False
+        attn, mlp = layer.self_attn, layer.mlp
+        if type(attn) is not module.Attention or type(mlp) is not module.MLP:
+            return False
+        if type(layer.input_layernorm) is not nn.RMSNorm:
+            return False
+        if type(layer.post_attention_layernorm) is not nn.RMSNorm:
+            return False
+        names = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+        if any(_parts(m) is None for m in names + (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            return False
+    return True
+
+
+def _weight_t(linear: nn.Linear, rows: int, transposed_copies: bool) -> mx.array:
+    """``linear.weight.T``: a contiguous copy where OpenBLAS would pack the view at every call
+    (``cpu_math._packed_when_transposed``), the view itself elsewhere."""
+    weight = linear.weight
+    if transposed_copies and cpu_math._packed_when_transposed(*weight.shape, rows):
+        return mx.contiguous(weight.T)
+    return weight.T
+
+
+def _projection(m: nn.Module, rows: int, transposed_copies: bool) -> tuple[_Projection, dict]:
+    base, lora = _parts(m)
+    arrays = {"w": _weight_t(base, rows, transposed_copies)}
+    if "bias" in base:
+        arrays["b"] = base.bias
+    if lora is None:
+        return _Projection("bias" in base, None, False), arrays
+    arrays["a"], arrays["lb"] = lora.lora_a, lora.lora_b
+    cast = not (lora.lora_a.dtype == lora.lora_b.dtype == base.weight.dtype)
+    return _Projection("bias" in base, float(lora.scale), cast), arrays
+
+
+def _joined_qkv(attn: nn.Module, transposed_copies: bool) -> tuple[_Projection, dict]:
+    """The query, key and value projections as one: weights side by side (``[in, q + k + v]``),
+    and the adapters' ``A``s side by side with their ``B``s on a block diagonal."""
+    members = [_parts(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    weights = [base.weight for base, _ in members]  # each [out, in]
+    if transposed_copies:  # OpenBLAS: row-major [in, out] runs its unpacked kernels
+        joined = mx.concatenate([w.T for w in weights], axis=1)
+    else:
+        joined = mx.concatenate(weights, axis=0).T
+    arrays = {"w": joined}
+    dtype = weights[0].dtype
+    has_bias = any("bias" in base for base, _ in members)
+    if has_bias:
+        arrays["b"] = mx.concatenate(
+            [
+                base.bias if "bias" in base else mx.zeros(w.shape[0], dtype)
+                for (base, _), w in zip(members, weights)
+            ]
+        )
+    adapted = [(i, lora) for i, (_, lora) in enumerate(members) if lora is not None]
+    if not adapted:
+        return _Projection(has_bias, None, False), arrays
+    outs = [w.shape[0] for w in weights]
+    total = sum(outs)
+    # One scale (the usual case) stays addmm's alpha, as in the module decode; several are
+    # folded into their B blocks.
+    scales = {float(lora.scale) for _, lora in adapted}
+    alpha = scales.pop() if len(scales) == 1 else None
+    blocks = []
+    for i, lora in adapted:
+        b = lora.lora_b if alpha is not None else lora.lora_b * lora.scale  # [rank, out_i]
+        before, after = sum(outs[:i]), total - sum(outs[: i + 1])
+        rank = b.shape[0]
+        pieces = [mx.zeros((rank, before), b.dtype), b, mx.zeros((rank, after), b.dtype)]
+        blocks.append(mx.concatenate(pieces, axis=1))
+    arrays["a"] = mx.concatenate([lora.lora_a for _, lora in adapted], axis=1)
+    arrays["lb"] = mx.concatenate(blocks, axis=0)  # [sum of ranks, q + k + v]
+    cast = any(not (lora.lora_a.dtype == lora.lora_b.dtype == dtype) for _, lora in adapted)
+    return _Projection(has_bias, 1.0 if alpha is None else alpha, cast), arrays
+
+
+def _joined_bytes(model: nn.Module) -> int:
+    total = 0
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj):
+            weight = _parts(m)[0].weight
+            total += weight.size * weight.dtype.size
+    return total
+
+
+def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
+    """The fused step's plan and arrays for ``model`` at ``rows`` rows, or None where the
+    model's layout is not one the step was written for (see the module's text).
+
+    The arrays are lazy: views of the model's weights and, where noted above, copies, which
+    the first step evaluates and which go when the rollout lets go of them.
+    """
+    if not fused_decode_apply() or not _supported_layout(model):
+        return None
+    inner = model.model
+    first = inner.layers[0].self_attn
+    q_out = _parts(first.q_proj)[0].weight.shape[0]
+    heads, kv_heads = first.n_heads, first.n_kv_heads
+    if heads % kv_heads or q_out % heads:
+        return None
+    head_dim = q_out // heads
+    transposed_copies = cpu_math.small_weights_apply()
+    joined = _joined_bytes(model) <= JOIN_LIMIT_BYTES
+    dtype = inner.embed_tokens.weight.dtype
+    layers, layer_arrays = [], []
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if (attn.n_heads, attn.n_kv_heads, attn.scale) != (heads, kv_heads, first.scale):
+            return None
+        specs, arrays = {}, {}
+        names = {"o": attn.o_proj, "gate": mlp.gate_proj, "up": mlp.up_proj}
+        names["down"] = mlp.down_proj
+        if joined:
+            specs["qkv"], arrays["qkv"] = _joined_qkv(attn, transposed_copies)
+        else:
+            names.update(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj)
+        for name, m in names.items():
+            specs[name], arrays[name] = _projection(m, rows, transposed_copies)
+        arrays["norm"] = layer.input_layernorm.weight
+        arrays["post_norm"] = layer.post_attention_layernorm.weight
+        eps = (layer.input_layernorm.eps, layer.post_attention_layernorm.eps)
+        layers.append((*eps, tuple(sorted(specs.items()))))
+        layer_arrays.append(arrays)
+    tied = "lm_head" not in model
+    embedding = inner.embed_tokens.weight  # [vocab, dim]
+    params = {"embed": embedding, "norm": inner.norm.weight, "layers": layer_arrays}
+    head = None
+    if tied:
+        copy = transposed_copies and cpu_math._packed_when_transposed(*embedding.shape, rows)
+        params["head"] = mx.contiguous(embedding.T) if copy else embedding.T
+    else:
+        head, params["head"] = _projection(model.lm_head, rows, transposed_copies)
+    rope = first.rope
+    plan = _Plan(
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        scale=float(first.scale),
+        joined=joined,
+        layers=tuple(layers),
+        norm_eps=inner.norm.eps,
+        tied=tied,
+        head=head,
+        fast_exp=dtype == mx.float32 and cpu_math.fast_activations_apply(),
+        fold_residual=dtype == mx.float32,
+        shared_angles=type(rope) is nn.RoPE and mx.default_device() == mx.cpu,
+    )
+    return plan, params
+
+
+def _project(x: mx.array, spec: _Projection, arrays: dict, residual=None) -> mx.array:
+    """``x W^T (+ bias) (+ residual) + scale (x A) B`` on rows ``x`` ([rows, in])."""
+    add = arrays.get("b") if spec.bias else None
+    if residual is not None:
+        add = residual if add is None else residual + add
+    y = x @ arrays["w"] if add is None else mx.addmm(add, x, arrays["w"])
+    if spec.lora_scale is None:
+        return y
+    low = x @ arrays["a"]  # [rows, rank]
+    if spec.lora_cast:  # mlx-lm's LoRALinear: the low-rank term in its dtype, then cast
+        return y + (spec.lora_scale * (low @ arrays["lb"])).astype(y.dtype)
+    return mx.addmm(y, low, arrays["lb"], alpha=spec.lora_scale)
+
+
+def _softmax(scores: mx.array, fast_exp: bool) -> mx.array:
+    if not fast_exp:
+        return mx.softmax(scores, axis=-1, precise=True)
+    weights = cpu_math._exp(scores - mx.max(scores, axis=-1, keepdims=True))
+    return weights / mx.sum(weights, axis=-1, keepdims=True)
+
+
+def _swiglu(gate: mx.array, x: mx.array, fast_exp: bool) -> mx.array:
+    if not fast_exp:
+        from mlx_lm.models.activations import swiglu
+
+        return swiglu(gate, x)
+    return gate * (1.0 / (1.0 + cpu_math._exp(-gate))) * x  # cpu_math.cpu_swiglu's formula
+
+
+def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
+    """The decode step ``(params, tokens, keys, values, write, start) -> (next tokens,
+    log-probabilities, keys, values)`` of ``rollout._decode_step_fn``, for ``fused_plan``'s
+    plan and arrays; ``ropes`` are the blocks' RoPE modules."""
+    heads, kv_heads, head_dim = plan.heads, plan.kv_heads, plan.head_dim
+    repeats = heads // kv_heads
+    angles = cpu_math._RopeAngles()
+    if plan.shared_angles:
+        ropes = [cpu_math._SharedRoPE(rope, angles) for rope in ropes]
+
+    def add_residual(x, inputs, spec, arrays):
+        if plan.fold_residual:
+            return _project(inputs, spec, arrays, residual=x)
+        return x + _project(inputs, spec, arrays)  # as mlx-lm rounds it
+
+    def step(params, tokens, keys, values, write, start):
+        rows = tokens.shape[0]
+        columns = mx.arange(keys[0].shape[2])
+        visible = (columns[None] >= start[:, None]) & (columns[None] <= write)  # [rows, S]
+        dtype = params["embed"].dtype
+        hidden_mask = mx.where(visible, 0.0, mx.finfo(dtype).min).astype(dtype)[:, None, None]
+        positions = write - start  # [rows]
+        x = params["embed"][tokens]  # [rows, dim]
+        new_keys, new_values = [], []
+        for i, (eps, post_eps, specs) in enumerate(plan.layers):
+            specs, arrays, rope = dict(specs), params["layers"][i], ropes[i]
+            h = mx.fast.rms_norm(x, arrays["norm"], eps)
+            if plan.joined:
+                qkv = _project(h, specs["qkv"], arrays["qkv"])  # [rows, (H + 2 KV) * D]
+                split = (heads + kv_heads) * head_dim
+                qk = qkv[:, :split].reshape(rows, heads + kv_heads, 1, head_dim)
+                qk = rope(qk, offset=positions)  # one RoPE over queries and keys
+                q, k = qk[:, :heads], qk[:, heads:]
+                v = qkv[:, split:]
+            else:
+                q = _project(h, specs["q"], arrays["q"]).reshape(rows, heads, 1, head_dim)
+                k = _project(h, specs["k"], arrays["k"]).reshape(rows, kv_heads, 1, head_dim)
+                q, k = rope(q, offset=positions), rope(k, offset=positions)
+                v = _project(h, specs["v"], arrays["v"])
+            layer_keys = mx.slice_update(keys[i], k, write, axes=(2,))  # [rows, KV, S, D]
+            layer_values = mx.slice_update(
+                values[i], v.reshape(rows, kv_heads, 1, head_dim), write, axes=(2,)
+            )
+            new_keys.append(layer_keys)
+            new_values.append(layer_values)
+            # The query heads that share a key/value head are rows of one matrix.
+            grouped = q.reshape(rows, kv_heads, repeats, head_dim) * plan.scale
+            scores = grouped @ layer_keys.swapaxes(-1, -2) + hidden_mask  # [rows, KV, rep, S]
+            attended = _softmax(scores, plan.fast_exp) @ layer_values  # [rows, KV, rep, D]
+            x = add_residual(x, attended.reshape(rows, -1), specs["o"], arrays["o"])
+            h = mx.fast.rms_norm(x, arrays["post_norm"], post_eps)
+            gate = _project(h, specs["gate"], arrays["gate"])
+            up = _project(h, specs["up"], arrays["up"])
+            act = _swiglu(gate, up, plan.fast_exp)
+            x = add_residual(x, act, specs["down"], arrays["down"])
+        x = mx.fast.rms_norm(x, params["norm"], plan.norm_eps)
+        if plan.tied:
+            logits = x @ params["head"]
+        else:
+            logits = _project(x, plan.head, params["head"])
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs).astype(mx.uint32), logprobs, new_keys, new_values
+
+    return step
+
+
+def block_ropes(model: nn.Module) -> list:
+    """Each block's RoPE module, in order (for ``fused_step``)."""
+    return [layer.self_attn.rope for layer in model.model.layers]

@@ -1,0 +1,219 @@
+"""fused_decode: the rollout's decode step written out on 2-D rows, against mlx-lm's modules."""
+
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx.utils import tree_map
+from mlx_lm.models import llama, qwen2
+
+from mlx_reasoner import cpu_math, fused_decode, rollout
+from mlx_reasoner.model import attach_lora, lora_config
+
+PROMPTS = [[3, 5, 7, 11, 13, 2, 9], [17, 19, 4], [6, 8, 10, 12]]
+
+
+def small_model(kind: str = "qwen2", tie: bool = True, bias: bool = True, seed: int = 0):
+    mx.random.seed(seed)
+    common = dict(
+        hidden_size=64,
+        num_hidden_layers=3,
+        intermediate_size=96,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        vocab_size=96,
+        tie_word_embeddings=tie,
+    )
+    if kind == "qwen2":
+        model = qwen2.Model(qwen2.ModelArgs(model_type="qwen2", **common))
+    else:
+        args = llama.ModelArgs(model_type="llama", attention_bias=bias, mlp_bias=bias, **common)
+        model = llama.Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def adapted(model, layers: int = -1, keys=None, scale: float = 0.1, dropout: float = 0.0):
+    """LoRA on ``layers`` blocks (``keys``: which projections), moved away from zero."""
+    config = lora_config(layers, 4, dropout=dropout)
+    if keys is not None:
+        config["lora_parameters"]["keys"] = keys
+    attach_lora(model, config)
+    mx.random.seed(1)
+    model.update(
+        tree_map(lambda p: p + scale * mx.random.normal(p.shape), model.trainable_parameters())
+    )
+    mx.eval(model.parameters())
+    return model
+
+
+def decode(model, fused: bool, group_size: int = 2, max_tokens: int = 6):
+    """Greedy tokens and every step's log-probabilities from one compiled decode step."""
+    caches = [rollout.prefill_prompt(model, p) for p in PROMPTS]
+    logprobs = []
+    tokens, reasons, name = rollout._decode_compiled(
+        model, PROMPTS, caches, group_size, max_tokens, None, frozenset(), logprobs.append, fused
+    )
+    return tokens, mx.stack(logprobs, axis=1), name  # [rows, steps, vocab]
+
+
+def full_forward_gap(model, tokens, logprobs, group_size: int) -> float:
+    """The largest gap between a decode's log-probabilities and a full forward pass's."""
+    gaps = []
+    for row, completion in enumerate(tokens):
+        prompt = PROMPTS[row // group_size]
+        full = model(mx.array(prompt + completion)[None])[0, len(prompt) - 1 : -1]
+        full = (full - mx.logsumexp(full, axis=-1, keepdims=True)).astype(mx.float32)
+        gaps.append(mx.max(mx.abs(full - logprobs[row].astype(mx.float32))).item())
+    return max(gaps)
+
+
+def assert_same_decode(model, group_size: int = 2, slack: float = 5e-5):
+    """The fused step gives the module step's tokens, and is as close to a full forward pass
+    as the module step is (up to float32 rounding, ``slack``)."""
+    ours, ours_logprobs, name = decode(model, True, group_size)
+    theirs, theirs_logprobs, other = decode(model, False, group_size)
+    assert (name, other) == ("fused", "compiled")
+    assert ours == theirs
+    ours_gap = full_forward_gap(model, ours, ours_logprobs, group_size)
+    theirs_gap = full_forward_gap(model, theirs, theirs_logprobs, group_size)
+    assert ours_gap <= 2 * theirs_gap + slack, (ours_gap, theirs_gap)
+
+
+@pytest.mark.parametrize(
+    "kind, tie, bias",
+    [("qwen2", True, True), ("qwen2", False, True), ("llama", False, False), ("llama", True, True)],
+)
+@pytest.mark.parametrize("lora", ["all", "some", "none"])
+def test_the_fused_step_gives_the_module_steps_numbers(kind, tie, bias, lora):
+    model = small_model(kind, tie, bias)
+    if lora == "all":
+        adapted(model)
+    elif lora == "some":  # two of three blocks, and only some projections
+        adapted(model, layers=2, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"])
+    assert_same_decode(model)
+
+
+@pytest.mark.parametrize("joined", [True, False])
+@pytest.mark.parametrize("transposed_copies", [True, False])
+def test_joined_or_apart_and_with_or_without_the_transposed_copies(
+    monkeypatch, joined, transposed_copies
+):
+    """The query/key/value product joined or three apart (JOIN_LIMIT_BYTES), and the weights
+    OpenBLAS packs held transposed or not: the same numbers either way."""
+    monkeypatch.setattr(fused_decode, "JOIN_LIMIT_BYTES", 2**30 if joined else 0)
+    monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: transposed_copies)
+    model = adapted(small_model())
+    plan, params = fused_decode.fused_plan(model, 6)
+    assert plan.joined == joined
+    assert ("qkv" in params["layers"][0]) == joined
+    assert_same_decode(model, group_size=2)
+
+
+def test_mlx_exponentials_where_the_fast_ones_are_off(monkeypatch):
+    monkeypatch.setenv("MLX_REASONER_FAST_EXP", "0")
+    model = adapted(small_model())
+    assert not fused_decode.fused_plan(model, 4)[0].fast_exp
+    assert_same_decode(model)
+
+
+def test_adapters_in_another_dtype_are_cast_as_mlx_lm_casts_them():
+    """A bfloat16 model with float32 adapters: mlx-lm adds the low-rank term in its own dtype
+    and casts it, and rounds each residual add; the fused step does the same, so its numbers
+    are a full forward pass's exactly (as the module step's are)."""
+    model = small_model()
+    model.set_dtype(mx.bfloat16)
+    adapted(model, scale=0.05)
+    model.update(tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters()))
+    plan, _ = fused_decode.fused_plan(model, 4)
+    assert any(spec.lora_cast for _, _, specs in plan.layers for _, spec in specs)
+    assert_same_decode(model, slack=0.0)
+
+
+def test_the_fused_step_follows_adapter_updates():
+    """The arrays are prepared at each rollout, so an update reaches the next one."""
+    model = adapted(small_model(), scale=0.0)
+    before, _, _ = decode(model, True)
+    model.update(tree_map(lambda p: p + 0.5, model.trainable_parameters()))
+    after, _, _ = decode(model, True)
+    assert after != before
+    assert after == decode(model, False)[0]
+
+
+def node_count(tmp_path, model, fused: bool) -> int:
+    """Graph nodes of one compiled decode step of 4 rows, as the rollout compiles it."""
+    caches = [rollout.prefill_prompt(model, PROMPTS[0])]
+    keys, values, write, start = rollout._fixed_buffers(caches, 4)
+    tokens = mx.array([PROMPTS[0][-1]] * 4, dtype=mx.uint32)
+    args = (tokens, keys, values, mx.array(write), start)
+    if fused:
+        plan, params = fused_decode.fused_plan(model, 4)
+        step = rollout._DECODERS.fused(model, plan, rollout._greedy)
+        mx.eval(step(params, *args))  # the first call traces; the second runs the compiled graph
+        out = step(params, *args)
+    else:
+        from mlx_reasoner.model import lora_as_addmm
+
+        with lora_as_addmm(model), cpu_math.shared_rope(model):
+            step = rollout._DECODERS.step(model, rollout._greedy)
+            mx.eval(step(*args))
+            out = step(*args)
+    path = tmp_path / f"step_{fused}.dot"
+    mx.export_to_dot(str(path), out[0], out[1], *out[2], *out[3])
+    return len(re.findall(r"label\s*=", path.read_text()))
+
+
+def test_the_fused_step_has_far_fewer_graph_nodes(tmp_path):
+    """What the step is for: each node has a fixed cost, and a small model's step is mostly
+    that cost."""
+    model = adapted(small_model())
+    fused, modules = node_count(tmp_path, model, True), node_count(tmp_path, model, False)
+    assert fused <= 0.7 * modules, (fused, modules)
+
+
+def test_layouts_the_step_was_not_written_for_are_left_to_the_module_decode(monkeypatch):
+    model = small_model()
+    assert fused_decode.fused_plan(model, 4) is not None
+    monkeypatch.setenv("MLX_REASONER_FUSED_DECODE", "0")
+    assert fused_decode.fused_plan(model, 4) is None
+    monkeypatch.delenv("MLX_REASONER_FUSED_DECODE")
+
+    dropout = adapted(small_model(), dropout=0.1)
+    assert fused_decode.fused_plan(dropout, 4) is None, "a dropout mask per projection"
+
+    quantized = small_model()
+    nn.quantize(quantized, group_size=32, bits=4)
+    assert fused_decode.fused_plan(quantized, 4) is None
+
+    class Wrapped(nn.Module):  # a model class of its own, even with the same blocks inside
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner.model
+            self.args = inner.args
+
+    assert fused_decode.fused_plan(Wrapped(small_model()), 4) is None
+
+
+def test_a_fused_step_that_fails_the_check_gives_way_to_the_module_decode(monkeypatch):
+    """A fused step whose numbers are wrong is found out by compiled_decode_supported, and the
+    rollout runs mlx-lm's modules instead."""
+    real = fused_decode.fused_step
+
+    def off_by_a_little(plan, ropes, sampler):
+        step = real(plan, ropes, sampler)
+
+        def wrong(params, *args):
+            tokens, logprobs, keys, values = step(params, *args)
+            return tokens, logprobs + 0.01, keys, values
+
+        return wrong
+
+    monkeypatch.setattr(rollout, "fused_step", off_by_a_little)
+    model = adapted(small_model())
+    assert rollout.compiled_decode_supported(model)
+    assert rollout._DECODERS.entry(model)["fused"] is False
+    caches = [rollout.prefill_prompt(model, p) for p in PROMPTS]
+    _, _, name = rollout._decode_compiled(model, PROMPTS, caches, 2, 3, None, frozenset())
+    assert name == "compiled"
