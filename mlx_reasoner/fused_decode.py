@@ -40,6 +40,13 @@ ENV_SWITCH = "MLX_REASONER_FUSED_DECODE"
 # step is bound by reading its weights, and keeps its three products.
 JOIN_LIMIT_BYTES = 64 * 2**20
 
+# OpenBLAS (x86-64) packs both operands of any product over its small-product bound
+# (``cpu_math._SMALL_GEMM_WORK``, M * N * K), whatever their layout. At 8 decode rows the bench
+# model's MLP, joined q/k/v and output products are just over it, and packing the weight costs
+# more than the product. Such a weight is held as up to this many column blocks, each product
+# under the bound, and the outputs joined; a weight that needs more is left to OpenBLAS.
+MAX_COLUMN_BLOCKS = 4
+
 
 def fused_decode_apply() -> bool:
     """Whether the fused step may be used (``MLX_REASONER_FUSED_DECODE`` not off)."""
@@ -51,6 +58,7 @@ class _Projection:
     """What a projection's step code needs to know beyond its arrays."""
 
     bias: bool
+    blocks: tuple[int, ...] | None  # the weight's column blocks' widths, or one array
     lora_scale: float | None  # None: no adapter; 1.0 where the scales are folded into B
     lora_cast: bool  # the adapter's dtype differs from the base's: mlx-lm's cast-and-add
 
@@ -68,6 +76,7 @@ class _Plan:
     norm_eps: float
     tied: bool
     head: _Projection | None  # the untied output layer
+    head_blocks: tuple[int, ...] | None  # the tied output layer's column blocks
     fast_exp: bool  # cpu_math's exponential (float32 on an x86-64 CPU)
     fold_residual: bool  # float32: residual adds inside the addmm (half precision rounds twice)
     shared_angles: bool  # nn.RoPE on the CPU: the angles once per step
@@ -122,37 +131,63 @@ def _supported_layout(model: nn.Module) -> bool:
     return True
 
 
-def _weight_t(linear: nn.Linear, rows: int, transposed_copies: bool) -> mx.array:
-    """``linear.weight.T``: a contiguous copy where OpenBLAS would pack the view at every call
-    (``cpu_math._packed_when_transposed``), the view itself elsewhere."""
-    weight = linear.weight
-    if transposed_copies and cpu_math._packed_when_transposed(*weight.shape, rows):
-        return mx.contiguous(weight.T)
-    return weight.T
+def _column_blocks(rows: int, in_features: int, out_features: int) -> tuple[int, ...] | None:
+    """Column widths that keep each block's product under OpenBLAS's small-product bound, for a
+    product over it (None: one block does, or more than ``MAX_COLUMN_BLOCKS`` would be needed)."""
+    bound = cpu_math._SMALL_GEMM_WORK
+    if rows * in_features * out_features <= bound:
+        return None
+    for count in range(2, MAX_COLUMN_BLOCKS + 1):
+        width = -(-out_features // count)
+        if rows * in_features * width <= bound:
+            return (width,) * (count - 1) + (out_features - width * (count - 1),)
+    return None
+
+
+def _laid_out(weight: mx.array, rows: int, transposed_copies: bool, copied: bool = False):
+    """``weight.T`` (``[in, out]``, from ``[out, in]``) as the step multiplies by it, and the
+    widths of its column blocks (or None).
+
+    With OpenBLAS (``transposed_copies``): contiguous column blocks where the product is over
+    its small-product bound (``_column_blocks``), one contiguous copy where it would pack the
+    view at every call (``cpu_math._packed_when_transposed``) or where the weight is a copy
+    anyway (``copied``), the view itself elsewhere. Elsewhere: the view.
+    """
+    out_features, in_features = weight.shape
+    if transposed_copies:
+        widths = _column_blocks(rows, in_features, out_features)
+        if widths is not None:
+            blocks, start = [], 0
+            for width in widths:
+                blocks.append(mx.contiguous(weight[start : start + width].T))
+                start += width
+            return tuple(blocks), widths
+        if copied or cpu_math._packed_when_transposed(out_features, in_features, rows):
+            return mx.contiguous(weight.T), None
+    return weight.T, None
 
 
 def _projection(m: nn.Module, rows: int, transposed_copies: bool) -> tuple[_Projection, dict]:
     base, lora = _parts(m)
-    arrays = {"w": _weight_t(base, rows, transposed_copies)}
+    arrays = {}
+    arrays["w"], blocks = _laid_out(base.weight, rows, transposed_copies)
     if "bias" in base:
         arrays["b"] = base.bias
     if lora is None:
-        return _Projection("bias" in base, None, False), arrays
+        return _Projection("bias" in base, blocks, None, False), arrays
     arrays["a"], arrays["lb"] = lora.lora_a, lora.lora_b
     cast = not (lora.lora_a.dtype == lora.lora_b.dtype == base.weight.dtype)
-    return _Projection("bias" in base, float(lora.scale), cast), arrays
+    return _Projection("bias" in base, blocks, float(lora.scale), cast), arrays
 
 
-def _joined_qkv(attn: nn.Module, transposed_copies: bool) -> tuple[_Projection, dict]:
+def _joined_qkv(attn: nn.Module, rows: int, transposed_copies: bool) -> tuple[_Projection, dict]:
     """The query, key and value projections as one: weights side by side (``[in, q + k + v]``),
     and the adapters' ``A``s side by side with their ``B``s on a block diagonal."""
     members = [_parts(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     weights = [base.weight for base, _ in members]  # each [out, in]
-    if transposed_copies:  # OpenBLAS: row-major [in, out] runs its unpacked kernels
-        joined = mx.concatenate([w.T for w in weights], axis=1)
-    else:
-        joined = mx.concatenate(weights, axis=0).T
-    arrays = {"w": joined}
+    arrays = {}
+    joined = mx.concatenate(weights, axis=0)  # [q + k + v, in]
+    arrays["w"], blocks = _laid_out(joined, rows, transposed_copies, copied=True)
     dtype = weights[0].dtype
     has_bias = any("bias" in base for base, _ in members)
     if has_bias:
@@ -164,24 +199,24 @@ def _joined_qkv(attn: nn.Module, transposed_copies: bool) -> tuple[_Projection, 
         )
     adapted = [(i, lora) for i, (_, lora) in enumerate(members) if lora is not None]
     if not adapted:
-        return _Projection(has_bias, None, False), arrays
+        return _Projection(has_bias, blocks, None, False), arrays
     outs = [w.shape[0] for w in weights]
     total = sum(outs)
     # One scale (the usual case) stays addmm's alpha, as in the module decode; several are
     # folded into their B blocks.
     scales = {float(lora.scale) for _, lora in adapted}
     alpha = scales.pop() if len(scales) == 1 else None
-    blocks = []
+    b_rows = []
     for i, lora in adapted:
         b = lora.lora_b if alpha is not None else lora.lora_b * lora.scale  # [rank, out_i]
         before, after = sum(outs[:i]), total - sum(outs[: i + 1])
         rank = b.shape[0]
         pieces = [mx.zeros((rank, before), b.dtype), b, mx.zeros((rank, after), b.dtype)]
-        blocks.append(mx.concatenate(pieces, axis=1))
+        b_rows.append(mx.concatenate(pieces, axis=1))
     arrays["a"] = mx.concatenate([lora.lora_a for _, lora in adapted], axis=1)
-    arrays["lb"] = mx.concatenate(blocks, axis=0)  # [sum of ranks, q + k + v]
+    arrays["lb"] = mx.concatenate(b_rows, axis=0)  # [sum of ranks, q + k + v]
     cast = any(not (lora.lora_a.dtype == lora.lora_b.dtype == dtype) for _, lora in adapted)
-    return _Projection(has_bias, 1.0 if alpha is None else alpha, cast), arrays
+    return _Projection(has_bias, blocks, 1.0 if alpha is None else alpha, cast), arrays
 
 
 def _joined_bytes(model: nn.Module) -> int:
@@ -222,7 +257,7 @@ def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
         names = {"o": attn.o_proj, "gate": mlp.gate_proj, "up": mlp.up_proj}
         names["down"] = mlp.down_proj
         if joined:
-            specs["qkv"], arrays["qkv"] = _joined_qkv(attn, transposed_copies)
+            specs["qkv"], arrays["qkv"] = _joined_qkv(attn, rows, transposed_copies)
         else:
             names.update(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj)
         for name, m in names.items():
@@ -235,10 +270,9 @@ def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
     tied = "lm_head" not in model
     embedding = inner.embed_tokens.weight  # [vocab, dim]
     params = {"embed": embedding, "norm": inner.norm.weight, "layers": layer_arrays}
-    head = None
+    head = head_blocks = None
     if tied:
-        copy = transposed_copies and cpu_math._packed_when_transposed(*embedding.shape, rows)
-        params["head"] = mx.contiguous(embedding.T) if copy else embedding.T
+        params["head"], head_blocks = _laid_out(embedding, rows, transposed_copies)
     else:
         head, params["head"] = _projection(model.lm_head, rows, transposed_copies)
     rope = first.rope
@@ -252,6 +286,7 @@ def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
         norm_eps=inner.norm.eps,
         tied=tied,
         head=head,
+        head_blocks=head_blocks,
         fast_exp=dtype == mx.float32 and cpu_math.fast_activations_apply(),
         fold_residual=dtype == mx.float32,
         shared_angles=type(rope) is nn.RoPE and mx.default_device() == mx.cpu,
@@ -259,12 +294,25 @@ def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
     return plan, params
 
 
+def _product(x: mx.array, weight, add=None) -> mx.array:
+    """``x @ weight (+ add)``, for ``weight`` one array or a tuple of column blocks; ``add`` is
+    a bias (``[out]``) or a residual (``[rows, out]``)."""
+    if not isinstance(weight, tuple):
+        return x @ weight if add is None else mx.addmm(add, x, weight)
+    parts, start = [], 0
+    for block in weight:
+        end = start + block.shape[1]
+        parts.append(x @ block if add is None else mx.addmm(add[..., start:end], x, block))
+        start = end
+    return mx.concatenate(parts, axis=-1)
+
+
 def _project(x: mx.array, spec: _Projection, arrays: dict, residual=None) -> mx.array:
     """``x W^T (+ bias) (+ residual) + scale (x A) B`` on rows ``x`` ([rows, in])."""
     add = arrays.get("b") if spec.bias else None
     if residual is not None:
         add = residual if add is None else residual + add
-    y = x @ arrays["w"] if add is None else mx.addmm(add, x, arrays["w"])
+    y = _product(x, arrays["w"], add)
     if spec.lora_scale is None:
         return y
     low = x @ arrays["a"]  # [rows, rank]
@@ -345,7 +393,7 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
             x = add_residual(x, act, specs["down"], arrays["down"])
         x = mx.fast.rms_norm(x, params["norm"], plan.norm_eps)
         if plan.tied:
-            logits = x @ params["head"]
+            logits = _product(x, params["head"])
         else:
             logits = _project(x, plan.head, params["head"])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

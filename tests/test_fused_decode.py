@@ -97,19 +97,44 @@ def test_the_fused_step_gives_the_module_steps_numbers(kind, tie, bias, lora):
 
 
 @pytest.mark.parametrize("joined", [True, False])
-@pytest.mark.parametrize("transposed_copies", [True, False])
-def test_joined_or_apart_and_with_or_without_the_transposed_copies(
-    monkeypatch, joined, transposed_copies
-):
-    """The query/key/value product joined or three apart (JOIN_LIMIT_BYTES), and the weights
-    OpenBLAS packs held transposed or not: the same numbers either way."""
+@pytest.mark.parametrize("openblas", ["no", "copies", "blocks"])
+def test_joined_or_apart_and_each_weight_layout(monkeypatch, joined, openblas):
+    """The query/key/value product joined or three apart (JOIN_LIMIT_BYTES); and the weights as
+    views, or, with OpenBLAS, transposed copies where it would pack them and column blocks
+    where a product is over its small-product bound (lowered here so that the small model's
+    products are over it): the same numbers every way."""
     monkeypatch.setattr(fused_decode, "JOIN_LIMIT_BYTES", 2**30 if joined else 0)
-    monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: transposed_copies)
-    model = adapted(small_model())
+    monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: openblas != "no")
+    if openblas == "blocks":
+        monkeypatch.setattr(cpu_math, "_SMALL_GEMM_WORK", 6 * 64 * 40)
+    model = adapted(small_model(tie=True))
     plan, params = fused_decode.fused_plan(model, 6)
     assert plan.joined == joined
     assert ("qkv" in params["layers"][0]) == joined
+    blocked = [spec.blocks for _, _, specs in plan.layers for _, spec in specs]
+    assert any(blocked) == (openblas == "blocks")
+    assert (plan.head_blocks is not None) == (openblas == "blocks")
     assert_same_decode(model, group_size=2)
+
+
+@pytest.mark.parametrize(
+    "rows, in_features, out_features, widths",
+    [
+        (4, 256, 640, None),  # 655,360: under the bound, one product
+        (8, 256, 640, (320, 320)),
+        (8, 640, 256, (128, 128)),
+        (16, 256, 640, (214, 214, 212)),
+        (32, 256, 640, None),  # six blocks would be needed: left to OpenBLAS
+    ],
+)
+def test_column_blocks_keep_each_product_under_openblas_small_bound(
+    rows, in_features, out_features, widths
+):
+    got = fused_decode._column_blocks(rows, in_features, out_features)
+    assert got == widths
+    if got is not None:
+        assert sum(got) == out_features
+        assert all(rows * in_features * w <= cpu_math._SMALL_GEMM_WORK for w in got)
 
 
 def test_mlx_exponentials_where_the_fast_ones_are_off(monkeypatch):
