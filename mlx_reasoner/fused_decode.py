@@ -47,6 +47,12 @@ JOIN_LIMIT_BYTES = 64 * 2**20
 # under the bound, and the outputs joined; a weight that needs more is left to OpenBLAS.
 MAX_COLUMN_BLOCKS = 4
 
+# In float32, an adapter's update is added into a copy of its base weight for the rollout
+# (``W + scale (A B)^T``, as ``mlx_lm.fuse`` does), which takes two of the three products of
+# every adapted projection out of the step, while those copies stay under this size. Half
+# precision keeps the low-rank products: rounding the sum would drop most of a young adapter.
+MERGE_LIMIT_BYTES = 64 * 2**20
+
 
 def fused_decode_apply() -> bool:
     """Whether the fused step may be used (``MLX_REASONER_FUSED_DECODE`` not off)."""
@@ -167,10 +173,23 @@ def _laid_out(weight: mx.array, rows: int, transposed_copies: bool, copied: bool
     return weight.T, None
 
 
-def _projection(m: nn.Module, rows: int, transposed_copies: bool) -> tuple[_Projection, dict]:
+def _merged(base: nn.Linear, lora: nn.Module | None) -> mx.array:
+    """The projection's weight with its adapter's update added, ``W + scale (A B)^T``."""
+    if lora is None:
+        return base.weight
+    return base.weight + (lora.scale * (lora.lora_a @ lora.lora_b)).T  # [out, in]
+
+
+def _projection(
+    m: nn.Module, rows: int, transposed_copies: bool, merge: bool
+) -> tuple[_Projection, dict]:
     base, lora = _parts(m)
     arrays = {}
-    arrays["w"], blocks = _laid_out(base.weight, rows, transposed_copies)
+    if merge and lora is not None:
+        arrays["w"], blocks = _laid_out(_merged(base, lora), rows, transposed_copies, True)
+        lora = None
+    else:
+        arrays["w"], blocks = _laid_out(base.weight, rows, transposed_copies)
     if "bias" in base:
         arrays["b"] = base.bias
     if lora is None:
@@ -180,11 +199,18 @@ def _projection(m: nn.Module, rows: int, transposed_copies: bool) -> tuple[_Proj
     return _Projection("bias" in base, blocks, float(lora.scale), cast), arrays
 
 
-def _joined_qkv(attn: nn.Module, rows: int, transposed_copies: bool) -> tuple[_Projection, dict]:
+def _joined_qkv(
+    attn: nn.Module, rows: int, transposed_copies: bool, merge: bool
+) -> tuple[_Projection, dict]:
     """The query, key and value projections as one: weights side by side (``[in, q + k + v]``),
-    and the adapters' ``A``s side by side with their ``B``s on a block diagonal."""
+    and the adapters' ``A``s side by side with their ``B``s on a block diagonal (or, with
+    ``merge``, the adapters' updates added into the weights)."""
     members = [_parts(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    weights = [base.weight for base, _ in members]  # each [out, in]
+    if merge:
+        weights = [_merged(base, lora) for base, lora in members]
+        members = [(base, None) for base, _ in members]
+    else:
+        weights = [base.weight for base, _ in members]  # each [out, in]
     arrays = {}
     joined = mx.concatenate(weights, axis=0)  # [q + k + v, in]
     arrays["w"], blocks = _laid_out(joined, rows, transposed_copies, copied=True)
@@ -229,6 +255,20 @@ def _joined_bytes(model: nn.Module) -> int:
     return total
 
 
+def _merge_adapters(model: nn.Module) -> bool:
+    """Whether the adapters' updates go into copies of their weights (``MERGE_LIMIT_BYTES``)."""
+    total = 0
+    for _, m in model.named_modules():
+        parts = _parts(m) if isinstance(m, nn.Module) else None
+        if parts is None or parts[1] is None:
+            continue
+        base, lora = parts
+        if not (base.weight.dtype == lora.lora_a.dtype == lora.lora_b.dtype == mx.float32):
+            return False
+        total += base.weight.size * base.weight.dtype.size
+    return total <= MERGE_LIMIT_BYTES
+
+
 def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
     """The fused step's plan and arrays for ``model`` at ``rows`` rows, or None where the
     model's layout is not one the step was written for (see the module's text).
@@ -247,6 +287,7 @@ def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
     head_dim = q_out // heads
     transposed_copies = cpu_math.small_weights_apply()
     joined = _joined_bytes(model) <= JOIN_LIMIT_BYTES
+    merge = _merge_adapters(model)
     dtype = inner.embed_tokens.weight.dtype
     layers, layer_arrays = [], []
     for layer in inner.layers:
@@ -257,11 +298,11 @@ def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
         names = {"o": attn.o_proj, "gate": mlp.gate_proj, "up": mlp.up_proj}
         names["down"] = mlp.down_proj
         if joined:
-            specs["qkv"], arrays["qkv"] = _joined_qkv(attn, rows, transposed_copies)
+            specs["qkv"], arrays["qkv"] = _joined_qkv(attn, rows, transposed_copies, merge)
         else:
             names.update(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj)
         for name, m in names.items():
-            specs[name], arrays[name] = _projection(m, rows, transposed_copies)
+            specs[name], arrays[name] = _projection(m, rows, transposed_copies, merge)
         arrays["norm"] = layer.input_layernorm.weight
         arrays["post_norm"] = layer.post_attention_layernorm.weight
         eps = (layer.input_layernorm.eps, layer.post_attention_layernorm.eps)
@@ -274,7 +315,7 @@ def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
     if tied:
         params["head"], head_blocks = _laid_out(embedding, rows, transposed_copies)
     else:
-        head, params["head"] = _projection(model.lm_head, rows, transposed_copies)
+        head, params["head"] = _projection(model.lm_head, rows, transposed_copies, merge)
     rope = first.rope
     plan = _Plan(
         heads=heads,

@@ -96,13 +96,18 @@ def test_the_fused_step_gives_the_module_steps_numbers(kind, tie, bias, lora):
     assert_same_decode(model)
 
 
+@pytest.mark.parametrize("merged", [True, False])
 @pytest.mark.parametrize("joined", [True, False])
 @pytest.mark.parametrize("openblas", ["no", "copies", "blocks"])
-def test_joined_or_apart_and_each_weight_layout(monkeypatch, joined, openblas):
-    """The query/key/value product joined or three apart (JOIN_LIMIT_BYTES); and the weights as
-    views, or, with OpenBLAS, transposed copies where it would pack them and column blocks
-    where a product is over its small-product bound (lowered here so that the small model's
-    products are over it): the same numbers every way."""
+def test_joined_or_apart_merged_or_not_and_each_weight_layout(
+    monkeypatch, merged, joined, openblas
+):
+    """The adapters' updates added into copies of their weights or kept as low-rank products
+    (MERGE_LIMIT_BYTES); the query/key/value product joined or three apart
+    (JOIN_LIMIT_BYTES); and the weights as views, or, with OpenBLAS, transposed copies where it
+    would pack them and column blocks where a product is over its small-product bound (lowered
+    here so that the small model's products are over it): the same numbers every way."""
+    monkeypatch.setattr(fused_decode, "MERGE_LIMIT_BYTES", 2**30 if merged else 0)
     monkeypatch.setattr(fused_decode, "JOIN_LIMIT_BYTES", 2**30 if joined else 0)
     monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: openblas != "no")
     if openblas == "blocks":
@@ -114,6 +119,8 @@ def test_joined_or_apart_and_each_weight_layout(monkeypatch, joined, openblas):
     blocked = [spec.blocks for _, _, specs in plan.layers for _, spec in specs]
     assert any(blocked) == (openblas == "blocks")
     assert (plan.head_blocks is not None) == (openblas == "blocks")
+    adapter_terms = [spec.lora_scale for _, _, specs in plan.layers for _, spec in specs]
+    assert all(scale is None for scale in adapter_terms) == merged
     assert_same_decode(model, group_size=2)
 
 
@@ -153,7 +160,7 @@ def test_adapters_in_another_dtype_are_cast_as_mlx_lm_casts_them():
     adapted(model, scale=0.05)
     model.update(tree_map(lambda p: p.astype(mx.float32), model.trainable_parameters()))
     plan, _ = fused_decode.fused_plan(model, 4)
-    assert any(spec.lora_cast for _, _, specs in plan.layers for _, spec in specs)
+    assert any(spec.lora_cast for _, _, specs in plan.layers for _, spec in specs), "not merged"
     assert_same_decode(model, slack=0.0)
 
 
