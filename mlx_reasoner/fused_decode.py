@@ -378,9 +378,12 @@ def _swiglu(gate: mx.array, x: mx.array, fast_exp: bool) -> mx.array:
 
 
 def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
-    """The decode step ``(params, tokens, keys, values, write, start) -> (next tokens,
-    log-probabilities, keys, values)`` of ``rollout._decode_step_fn``, for ``fused_plan``'s
-    plan and arrays; ``ropes`` are the blocks' RoPE modules."""
+    """The decode step ``(params, tokens, previous, keys, values, write, start) -> (next
+    tokens, log-probabilities, keys, values, this step's columns)`` of
+    ``rollout._decode_step_fn``, for ``fused_plan``'s plan and arrays; ``ropes`` are the
+    blocks' RoPE modules."""
+    from .rollout import write_columns  # (rollout imports this module)
+
     heads, kv_heads, head_dim = plan.heads, plan.kv_heads, plan.head_dim
     repeats = heads // kv_heads
     angles = cpu_math._RopeAngles()
@@ -392,7 +395,7 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
             return _project(inputs, spec, arrays, residual=x)
         return x + _project(inputs, spec, arrays)  # as mlx-lm rounds it
 
-    def step(params, tokens, keys, values, write, start):
+    def step(params, tokens, previous, keys, values, write, start):
         rows = tokens.shape[0]
         columns = mx.arange(keys[0].shape[2])
         visible = (columns[None] >= start[:, None]) & (columns[None] <= write)  # [rows, S]
@@ -400,7 +403,7 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
         hidden_mask = mx.where(visible, 0.0, mx.finfo(dtype).min).astype(dtype)[:, None, None]
         positions = write - start  # [rows]
         x = params["embed"][tokens]  # [rows, dim]
-        new_keys, new_values = [], []
+        new_keys, new_values, current = [], [], []
         for i, (eps, post_eps, specs) in enumerate(plan.layers):
             specs, arrays, rope = dict(specs), params["layers"][i], ropes[i]
             h = mx.fast.rms_norm(x, arrays["norm"], eps)
@@ -416,12 +419,13 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
                 k = _project(h, specs["k"], arrays["k"]).reshape(rows, kv_heads, 1, head_dim)
                 q, k = rope(q, offset=positions), rope(k, offset=positions)
                 v = _project(h, specs["v"], arrays["v"])
-            layer_keys = mx.slice_update(keys[i], k, write, axes=(2,))  # [rows, KV, S, D]
-            layer_values = mx.slice_update(
-                values[i], v.reshape(rows, kv_heads, 1, head_dim), write, axes=(2,)
-            )
+            v = v.reshape(rows, kv_heads, 1, head_dim)
+            previous_keys, previous_values = previous[i]
+            layer_keys = write_columns(keys[i], previous_keys, k, write)  # [rows, KV, S, D]
+            layer_values = write_columns(values[i], previous_values, v, write)
             new_keys.append(layer_keys)
             new_values.append(layer_values)
+            current.append((k, v))
             # The query heads that share a key/value head are rows of one matrix.
             grouped = q.reshape(rows, kv_heads, repeats, head_dim) * plan.scale
             scores = grouped @ layer_keys.swapaxes(-1, -2) + hidden_mask  # [rows, KV, rep, S]
@@ -438,7 +442,7 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
         else:
             logits = _project(x, plan.head, params["head"])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs).astype(mx.uint32), logprobs, new_keys, new_values
+        return sampler(logprobs).astype(mx.uint32), logprobs, new_keys, new_values, current
 
     return step
 

@@ -172,16 +172,33 @@ def _decode_batch_generator(model, prompts, caches, group_size, max_tokens, samp
 CACHE_MULTIPLE = 64
 
 
+def write_columns(buffer: mx.array, previous: mx.array, current: mx.array, write) -> mx.array:
+    """``buffer`` (``[rows, heads, S, D]``) with the last step's column at ``write - 1`` and
+    this step's at ``write``.
+
+    The decode keeps two sets of buffers and uses them in turn, so each set is two steps
+    behind and takes both columns. The set a step writes into was last read two steps ago,
+    which has finished by then (the loop has read that step's tokens), so ``slice_update``
+    can write into it in place: with one set, the step before is still running and every
+    step copies every layer's buffers.
+    """
+    buffer = mx.slice_update(buffer, previous, write - 1, axes=(2,))
+    return mx.slice_update(buffer, current, write, axes=(2,))
+
+
 class _FixedCache:
     """Stands in for an mlx-lm ``KVCache`` at one decode step, over a fixed-size buffer.
 
     Row ``r`` holds its prompt's keys and values left-padded to end at column ``write`` (the
-    column this step's token goes to); ``offset`` is each row's own position, which is what
-    RoPE sees, and ``mask`` hides the padding and the columns not yet written.
+    column this step's token goes to; ``write_columns`` also writes the last step's, at
+    ``write - 1``); ``offset`` is each row's own position, which is what RoPE sees, and
+    ``mask`` hides the padding and the columns not yet written.
     """
 
-    def __init__(self, keys: mx.array, values: mx.array, write, offset, mask):
+    def __init__(self, keys, values, previous, write, offset, mask):
         self.keys, self.values = keys, values
+        self.previous = previous  # the last step's (keys, values) column
+        self.current = None  # this step's, once written
         self.write, self.offset, self.mask = write, offset, mask
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None) -> mx.array:
@@ -190,8 +207,10 @@ class _FixedCache:
         return self.mask
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        self.keys = mx.slice_update(self.keys, keys, self.write, axes=(2,))
-        self.values = mx.slice_update(self.values, values, self.write, axes=(2,))
+        previous_keys, previous_values = self.previous
+        self.keys = write_columns(self.keys, previous_keys, keys, self.write)
+        self.values = write_columns(self.values, previous_values, values, self.write)
+        self.current = (keys, values)
         return self.keys, self.values
 
 
@@ -200,16 +219,18 @@ def _greedy(logprobs: mx.array) -> mx.array:
 
 
 def _decode_step_fn(model: nn.Module, sampler: Callable):
-    """One decode step of every row: ``(tokens, keys, values, write, start) -> (next tokens,
-    log-probabilities, keys, values)``; ``start`` is where each row's prompt begins."""
+    """One decode step of every row: ``(tokens, previous, keys, values, write, start) -> (next
+    tokens, log-probabilities, keys, values, this step's columns)``. ``previous`` holds the
+    last step's key and value column of each layer (``write_columns``); ``start`` is where
+    each row's prompt begins."""
 
-    def step(tokens, keys, values, write, start):
+    def step(tokens, previous, keys, values, write, start):
         columns = mx.arange(keys[0].shape[2])
         mask = (columns[None] >= start[:, None]) & (columns[None] <= write)
         positions = write - start  # one array for every block (cpu_math.shared_rope uses it)
         caches = [
-            _FixedCache(k, v, write, positions, mask[:, None, None, :])
-            for k, v in zip(keys, values)
+            _FixedCache(k, v, last, write, positions, mask[:, None, None, :])
+            for k, v, last in zip(keys, values, previous)
         ]
         logits = model(tokens[:, None], cache=caches)[:, -1, :]
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -218,6 +239,7 @@ def _decode_step_fn(model: nn.Module, sampler: Callable):
             logprobs,
             [c.keys for c in caches],
             [c.values for c in caches],
+            [c.current for c in caches],
         )
 
     return step
@@ -280,13 +302,13 @@ class _DecoderCache:
 _DECODERS = _DecoderCache()
 
 
-def _fixed_buffers(caches: list[list], group_size: int):
+def _fixed_buffers(caches: list[list], group_size: int, sets: int = 2):
     """Lay each prompt's per-layer cache into buffers of ``[rows, heads, width, dim]``.
 
     Row ``i * group_size + g`` is prompt ``i``'s, left-padded so that every prompt ends at the
-    same column. Returns ``(keys, values, write, start)``: per-layer buffers with room for at
-    least one more column, the first column the decode writes, and each row's first prompt
-    column.
+    same column. Returns ``(sets, write, start)``: ``sets`` separate ``(keys, values)`` sets
+    of per-layer buffers (``write_columns``) with room for at least one more column, the
+    first column the decode writes, and each row's first prompt column.
     """
     lengths = [cache[0].offset for cache in caches]
     write = max(lengths)
@@ -304,12 +326,16 @@ def _fixed_buffers(caches: list[list], group_size: int):
             rows.append(mx.broadcast_to(row, (group_size, heads, width, dim)))
         return mx.concatenate(rows, axis=0)
 
-    keys, values = [], []
-    for layer in range(len(caches[0])):
-        keys.append(laid_out([c[layer].keys for c in caches]))
-        values.append(laid_out([c[layer].values for c in caches]))
-    mx.eval(keys, values, start)
-    return keys, values, write, start
+    layers = range(len(caches[0]))
+    buffers = [
+        (
+            [laid_out([c[layer].keys for c in caches]) for layer in layers],
+            [laid_out([c[layer].values for c in caches]) for layer in layers],
+        )
+        for _ in range(sets)
+    ]
+    mx.eval(buffers, start)
+    return buffers, write, start
 
 
 def _widen(buffers: list[mx.array], columns: int) -> list[mx.array]:
@@ -352,7 +378,7 @@ def _decode_compiled(
 
 
 def _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record):
-    keys, values, write, start = _fixed_buffers(caches, group_size)
+    sets, write, start = _fixed_buffers(caches, group_size)
     rows = len(prompts) * group_size
     completions = [[] for _ in range(rows)]
     reasons: list[str | None] = [None] * rows
@@ -373,14 +399,23 @@ def _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record):
             open_rows -= 1
 
     tokens = mx.array([p[-1] for p in prompts for _ in range(group_size)], dtype=mx.uint32)
+    # Two sets of buffers, used in turn (write_columns); the first step rewrites the last
+    # prompt column where a previous step's would go.
+    previous = [(k[:, :, write - 1 : write], v[:, :, write - 1 : write]) for k, v in zip(*sets[0])]
     pending = None
     for i in range(max_tokens):
-        if write + i == keys[0].shape[2]:
-            keys, values = _widen(keys, CACHE_MULTIPLE), _widen(values, CACHE_MULTIPLE)
-        tokens, logprobs, keys, values = step(tokens, keys, values, mx.array(write + i), start)
+        if write + i == sets[0][0][0].shape[2]:
+            sets = [tuple(_widen(b, CACHE_MULTIPLE) for b in pair) for pair in sets]
+        keys, values = sets[i % 2]
+        sets[i % 2] = None  # the step's arrays only: then slice_update may write in place
+        tokens, logprobs, keys, values, previous = step(
+            tokens, previous, keys, values, mx.array(write + i), start
+        )
+        sets[i % 2] = (keys, values)
+        del keys, values
         if record is not None:
             record(logprobs)
-        mx.async_eval(tokens, keys, values)
+        mx.async_eval(tokens, sets[i % 2], previous)
         if pending is not None:
             take(pending.tolist())
             if open_rows == 0:

@@ -177,9 +177,11 @@ def test_the_fused_step_follows_adapter_updates():
 def node_count(tmp_path, model, fused: bool) -> int:
     """Graph nodes of one compiled decode step of 4 rows, as the rollout compiles it."""
     caches = [rollout.prefill_prompt(model, PROMPTS[0])]
-    keys, values, write, start = rollout._fixed_buffers(caches, 4)
+    sets, write, start = rollout._fixed_buffers(caches, 4, sets=1)
+    keys, values = sets[0]
+    previous = [(k[:, :, write - 1 : write], v[:, :, write - 1 : write]) for k, v in zip(*sets[0])]
     tokens = mx.array([PROMPTS[0][-1]] * 4, dtype=mx.uint32)
-    args = (tokens, keys, values, mx.array(write), start)
+    args = (tokens, previous, keys, values, mx.array(write), start)
     if fused:
         plan, params = fused_decode.fused_plan(model, 4)
         step = rollout._DECODERS.fused(model, plan, rollout._greedy)
@@ -193,7 +195,7 @@ def node_count(tmp_path, model, fused: bool) -> int:
             mx.eval(step(*args))
             out = step(*args)
     path = tmp_path / f"step_{fused}.dot"
-    mx.export_to_dot(str(path), out[0], out[1], *out[2], *out[3])
+    mx.export_to_dot(str(path), out[0], out[1], *out[2], *out[3])  # tokens, log-probs, buffers
     return len(re.findall(r"label\s*=", path.read_text()))
 
 
@@ -237,8 +239,8 @@ def test_a_fused_step_that_fails_the_check_gives_way_to_the_module_decode(monkey
         step = real(plan, ropes, sampler)
 
         def wrong(params, *args):
-            tokens, logprobs, keys, values = step(params, *args)
-            return tokens, logprobs + 0.01, keys, values
+            tokens, logprobs, *rest = step(params, *args)
+            return (tokens, logprobs + 0.01, *rest)
 
         return wrong
 
