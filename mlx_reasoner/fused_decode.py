@@ -150,34 +150,40 @@ def _column_blocks(rows: int, in_features: int, out_features: int) -> tuple[int,
     return None
 
 
-def _laid_out(weight: mx.array, rows: int, transposed_copies: bool, copied: bool = False):
-    """``weight.T`` (``[in, out]``, from ``[out, in]``) as the step multiplies by it, and the
-    widths of its column blocks (or None).
+def _laid_out(weight: mx.array, rows: int, transposed_copies: bool, copied=False, update=None):
+    """``weight.T`` (``[in, out]``, from ``[out, in]``) as the step multiplies by it, plus
+    ``update`` (``[in, out]``) if given, and the widths of its column blocks (or None).
 
     With OpenBLAS (``transposed_copies``): contiguous column blocks where the product is over
-    its small-product bound (``_column_blocks``), one contiguous copy where it would pack the
-    view at every call (``cpu_math._packed_when_transposed``) or where the weight is a copy
-    anyway (``copied``), the view itself elsewhere. Elsewhere: the view.
+    its small-product bound (``_column_blocks``), one contiguous array where it would pack the
+    view at every call (``cpu_math._packed_when_transposed``), where the weight is a copy
+    anyway (``copied``) or where an update is added; the view itself elsewhere. Elsewhere: the
+    view, or the sum. Each copy is ``cpu_math.row_major``'s (MLX's own transposed copy is three
+    times slower on the CPU), and an update is added to the copy (a sum with a transposed
+    operand is as slow as the copy).
     """
     out_features, in_features = weight.shape
+
+    def piece(start: int, stop: int) -> mx.array:  # [in, stop - start], row-major
+        copy = cpu_math.row_major(weight[start:stop].T)
+        return copy if update is None else copy + update[:, start:stop]
+
     if transposed_copies:
         widths = _column_blocks(rows, in_features, out_features)
         if widths is not None:
-            blocks, start = [], 0
-            for width in widths:
-                blocks.append(mx.contiguous(weight[start : start + width].T))
-                start += width
-            return tuple(blocks), widths
-        if copied or cpu_math._packed_when_transposed(out_features, in_features, rows):
-            return mx.contiguous(weight.T), None
+            bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+            return tuple(piece(a, b) for a, b in zip(bounds, bounds[1:])), widths
+        packed = cpu_math._packed_when_transposed(out_features, in_features, rows)
+        if copied or packed or update is not None:
+            return piece(0, out_features), None
+    if update is not None:
+        return weight.T + update, None
     return weight.T, None
 
 
-def _merged(base: nn.Linear, lora: nn.Module | None) -> mx.array:
-    """The projection's weight with its adapter's update added, ``W + scale (A B)^T``."""
-    if lora is None:
-        return base.weight
-    return base.weight + (lora.scale * (lora.lora_a @ lora.lora_b)).T  # [out, in]
+def _update(lora: nn.Module) -> mx.array:
+    """An adapter's update to its weight, ``scale (A B)``, laid out ``[in, out]``."""
+    return lora.scale * (lora.lora_a @ lora.lora_b)
 
 
 def _projection(
@@ -185,14 +191,11 @@ def _projection(
 ) -> tuple[_Projection, dict]:
     base, lora = _parts(m)
     arrays = {}
-    if merge and lora is not None:
-        arrays["w"], blocks = _laid_out(_merged(base, lora), rows, transposed_copies, True)
-        lora = None
-    else:
-        arrays["w"], blocks = _laid_out(base.weight, rows, transposed_copies)
+    update = _update(lora) if merge and lora is not None else None
+    arrays["w"], blocks = _laid_out(base.weight, rows, transposed_copies, update=update)
     if "bias" in base:
         arrays["b"] = base.bias
-    if lora is None:
+    if lora is None or update is not None:
         return _Projection("bias" in base, blocks, None, False), arrays
     arrays["a"], arrays["lb"] = lora.lora_a, lora.lora_b
     cast = not (lora.lora_a.dtype == lora.lora_b.dtype == base.weight.dtype)
@@ -204,17 +207,11 @@ def _joined_qkv(
 ) -> tuple[_Projection, dict]:
     """The query, key and value projections as one: weights side by side (``[in, q + k + v]``),
     and the adapters' ``A``s side by side with their ``B``s on a block diagonal (or, with
-    ``merge``, the adapters' updates added into the weights)."""
+    ``merge``, the product of the two added into the weights)."""
     members = [_parts(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-    if merge:
-        weights = [_merged(base, lora) for base, lora in members]
-        members = [(base, None) for base, _ in members]
-    else:
-        weights = [base.weight for base, _ in members]  # each [out, in]
-    arrays = {}
-    joined = mx.concatenate(weights, axis=0)  # [q + k + v, in]
-    arrays["w"], blocks = _laid_out(joined, rows, transposed_copies, copied=True)
+    weights = [base.weight for base, _ in members]  # each [out, in]
     dtype = weights[0].dtype
+    arrays = {}
     has_bias = any("bias" in base for base, _ in members)
     if has_bias:
         arrays["b"] = mx.concatenate(
@@ -223,8 +220,10 @@ def _joined_qkv(
                 for (base, _), w in zip(members, weights)
             ]
         )
+    joined = mx.concatenate(weights, axis=0)  # [q + k + v, in]
     adapted = [(i, lora) for i, (_, lora) in enumerate(members) if lora is not None]
     if not adapted:
+        arrays["w"], blocks = _laid_out(joined, rows, transposed_copies, copied=True)
         return _Projection(has_bias, blocks, None, False), arrays
     outs = [w.shape[0] for w in weights]
     total = sum(outs)
@@ -239,10 +238,17 @@ def _joined_qkv(
         rank = b.shape[0]
         pieces = [mx.zeros((rank, before), b.dtype), b, mx.zeros((rank, after), b.dtype)]
         b_rows.append(mx.concatenate(pieces, axis=1))
-    arrays["a"] = mx.concatenate([lora.lora_a for _, lora in adapted], axis=1)
-    arrays["lb"] = mx.concatenate(b_rows, axis=0)  # [sum of ranks, q + k + v]
+    lora_a = mx.concatenate([lora.lora_a for _, lora in adapted], axis=1)
+    lora_b = mx.concatenate(b_rows, axis=0)  # [sum of ranks, q + k + v]
+    alpha = 1.0 if alpha is None else alpha
+    if merge:
+        update = alpha * (lora_a @ lora_b)  # [in, q + k + v]
+        arrays["w"], blocks = _laid_out(joined, rows, transposed_copies, update=update)
+        return _Projection(has_bias, blocks, None, False), arrays
+    arrays["w"], blocks = _laid_out(joined, rows, transposed_copies, copied=True)
+    arrays["a"], arrays["lb"] = lora_a, lora_b
     cast = any(not (lora.lora_a.dtype == lora.lora_b.dtype == dtype) for _, lora in adapted)
-    return _Projection(has_bias, blocks, 1.0 if alpha is None else alpha, cast), arrays
+    return _Projection(has_bias, blocks, alpha, cast), arrays
 
 
 def _joined_bytes(model: nn.Module) -> int:
