@@ -317,3 +317,17 @@ def test_small_weights_transposed_takes_an_untied_head_and_leaves_the_embedding(
         assert type(model.model.embed_tokens) is nn.Embedding  # untied: only a lookup
         np.testing.assert_allclose(np.array(model(tokens)), np.array(before), atol=1e-5)
     assert type(model.lm_head) is nn.Linear
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_row_major_copies_a_transposed_matrix_exactly(dtype):
+    """The multiplication by one gives every value back: large, tiny, infinite, NaN, -0."""
+    from mlx_reasoner.cpu_math import row_major
+
+    special = mx.array([[float("inf"), float("-inf"), float("nan"), -0.0, 1e-30, 3e4]])
+    matrix = mx.concatenate([mx.random.normal((7, 6)) * 1e3, special]).astype(dtype)  # [8, 6]
+    copy = row_major(matrix.T)
+    assert copy.dtype == dtype and copy.shape == (6, 8)
+    assert mx.array_equal(copy, matrix.T, equal_nan=True).item()
+    expected = np.signbit(np.array(matrix.T.astype(mx.float32)))
+    assert (np.signbit(np.array(copy.astype(mx.float32))) == expected).all()
