@@ -86,6 +86,7 @@ class _Plan:
     fast_exp: bool  # cpu_math's exponential (float32 on an x86-64 CPU)
     fold_residual: bool  # float32: residual adds inside the addmm (half precision rounds twice)
     shared_angles: bool  # nn.RoPE on the CPU: the angles once per step
+    fast_attention: bool  # mx.fast.scaled_dot_product_attention: one kernel off the CPU
 
 
 def _model_modules():
@@ -337,6 +338,7 @@ def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
         fast_exp=dtype == mx.float32 and cpu_math.fast_activations_apply(),
         fold_residual=dtype == mx.float32,
         shared_angles=type(rope) is nn.RoPE and mx.default_device() == mx.cpu,
+        fast_attention=_fast_attention(),
     )
     return plan, params
 
@@ -352,6 +354,12 @@ def _product(x: mx.array, weight, add=None) -> mx.array:
         parts.append(x @ block if add is None else mx.addmm(add[..., start:end], x, block))
         start = end
     return mx.concatenate(parts, axis=-1)
+
+
+def _fast_attention() -> bool:
+    """Whether attention is ``mx.fast.scaled_dot_product_attention``: off the CPU, where it is
+    one kernel (on the CPU it is a composition of operations, and the step's own has fewer)."""
+    return mx.default_device() != mx.cpu
 
 
 def _project(x: mx.array, spec: _Projection, arrays: dict, residual=None) -> mx.array:
@@ -432,10 +440,15 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
             new_keys.append(layer_keys)
             new_values.append(layer_values)
             current.append((k, v))
-            # The query heads that share a key/value head are rows of one matrix.
-            grouped = q.reshape(rows, kv_heads, repeats, head_dim) * plan.scale
-            scores = grouped @ layer_keys.swapaxes(-1, -2) + hidden_mask  # [rows, KV, rep, S]
-            attended = _softmax(scores, plan.fast_exp) @ layer_values  # [rows, KV, rep, D]
+            if plan.fast_attention:
+                attended = mx.fast.scaled_dot_product_attention(
+                    q, layer_keys, layer_values, scale=plan.scale, mask=hidden_mask
+                )  # [rows, H, 1, D]
+            else:
+                # The query heads that share a key/value head are rows of one matrix.
+                grouped = q.reshape(rows, kv_heads, repeats, head_dim) * plan.scale
+                scores = grouped @ layer_keys.swapaxes(-1, -2) + hidden_mask  # [rows, KV, rep, S]
+                attended = _softmax(scores, plan.fast_exp) @ layer_values  # [rows, KV, rep, D]
             x = add_residual(x, attended.reshape(rows, -1), specs["o"], arrays["o"])
             h = mx.fast.rms_norm(x, arrays["post_norm"], post_eps)
             gate = _project(h, specs["gate"], arrays["gate"])

@@ -144,6 +144,15 @@ def test_column_blocks_keep_each_product_under_openblas_small_bound(
         assert all(rows * in_features * w <= cpu_math._SMALL_GEMM_WORK for w in got)
 
 
+def test_mlx_fast_attention_as_off_the_cpu(monkeypatch):
+    """Off the CPU the step's attention is mx.fast.scaled_dot_product_attention (one kernel
+    there); its CPU fallback gives the same numbers here."""
+    monkeypatch.setattr(fused_decode, "_fast_attention", lambda: True)
+    model = adapted(small_model())
+    assert fused_decode.fused_plan(model, 4)[0].fast_attention
+    assert_same_decode(model)
+
+
 def test_mlx_exponentials_where_the_fast_ones_are_off(monkeypatch):
     monkeypatch.setenv("MLX_REASONER_FAST_EXP", "0")
     model = adapted(small_model())
