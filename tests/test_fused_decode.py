@@ -14,7 +14,7 @@ from mlx_reasoner.model import attach_lora, lora_config
 PROMPTS = [[3, 5, 7, 11, 13, 2, 9], [17, 19, 4], [6, 8, 10, 12]]
 
 
-def small_model(kind: str = "qwen2", tie: bool = True, bias: bool = True, seed: int = 0):
+def small_model(kind="qwen2", tie=True, bias=True, seed=0, rope_scaling=None):
     mx.random.seed(seed)
     common = dict(
         hidden_size=64,
@@ -29,7 +29,13 @@ def small_model(kind: str = "qwen2", tie: bool = True, bias: bool = True, seed: 
     if kind == "qwen2":
         model = qwen2.Model(qwen2.ModelArgs(model_type="qwen2", **common))
     else:
-        args = llama.ModelArgs(model_type="llama", attention_bias=bias, mlp_bias=bias, **common)
+        args = llama.ModelArgs(
+            model_type="llama",
+            attention_bias=bias,
+            mlp_bias=bias,
+            rope_scaling=rope_scaling,
+            **common,
+        )
         model = llama.Model(args)
     mx.eval(model.parameters())
     return model
@@ -70,9 +76,11 @@ def full_forward_gap(model, tokens, logprobs, group_size: int) -> float:
     return max(gaps)
 
 
-def assert_same_decode(model, group_size: int = 2, slack: float = 5e-5):
+def assert_same_decode(model, group_size: int = 2, slack: float = 2e-4):
     """The fused step gives the module step's tokens, and is as close to a full forward pass
-    as the module step is (up to float32 rounding, ``slack``)."""
+    as the module step is, up to float32 rounding (``slack``; the largest, about 1e-4, from
+    rounding each merged weight ``W + scale A B`` once, where these test adapters make the
+    update larger than the weight). The rollout's own check allows 1e-3."""
     ours, ours_logprobs, name = decode(model, True, group_size)
     theirs, theirs_logprobs, other = decode(model, False, group_size)
     assert (name, other) == ("fused", "compiled")
@@ -93,6 +101,22 @@ def test_the_fused_step_gives_the_module_steps_numbers(kind, tie, bias, lora):
         adapted(model)
     elif lora == "some":  # two of three blocks, and only some projections
         adapted(model, layers=2, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"])
+    assert_same_decode(model)
+
+
+def test_a_rope_of_another_kind_runs_as_its_own_module():
+    """Llama 3's scaled RoPE is not nn.RoPE: the step calls the block's own module on the
+    queries and keys, with each row's position, instead of sharing its angles."""
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    model = adapted(small_model("llama", tie=False, bias=False, rope_scaling=scaling))
+    assert type(model.model.layers[0].self_attn.rope) is not nn.RoPE
+    assert not fused_decode.fused_plan(model, 4)[0].shared_angles
     assert_same_decode(model)
 
 
