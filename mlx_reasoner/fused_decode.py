@@ -4,12 +4,18 @@ A decode step of a small model is a few hundred tiny operations, and on the CPU 
 graph node has a fixed cost of a few microseconds, more than most of them compute
 (docs/performance.md, "Where a decode step's time goes"). Run as mlx-lm's modules, one step of
 the bench model is 370 nodes. ``fused_step`` computes the same step as one function over the
-rows as ``[rows, features]`` matrices, with about 40% fewer nodes:
+rows as ``[rows, features]`` matrices, in about half as many (181):
 
 - the query, key and value projections as one product, their weights joined once per rollout
-  while the joined copies stay small (``JOIN_LIMIT_BYTES``), and their LoRA terms as one more;
+  while the joined copies stay small (``JOIN_LIMIT_BYTES``), their LoRA terms as one more;
+- in float32, each adapter's update added into the rollout's copy of its weight
+  (``MERGE_LIMIT_BYTES``), so an adapted projection is one product, not three;
+- with OpenBLAS, the small weights laid out so that it does not pack them at every call
+  (transposed copies, and column blocks for products just over its small-product bound);
 - RoPE once over the queries and keys together, with the angles computed once per step;
-- each block's residual adds folded into its output projections' ``addmm``;
+- in float32, each block's residual adds inside its output projections' ``addmm``;
+- on the CPU, attention with the query heads of a key/value head as rows of one matrix and
+  ``cpu_math``'s exponential; elsewhere ``mx.fast.scaled_dot_product_attention``;
 - no reshapes between blocks, and no custom-gradient wrappers (nothing is differentiated).
 
 It applies only to the module layouts it was written for (``fused_plan``): mlx-lm's ``qwen2``
