@@ -114,11 +114,22 @@ def _exp(x: mx.array) -> mx.array:
     return exp_polynomial(x) if x.size >= POLYNOMIAL_MIN_SIZE else _power_exp(x)
 
 
+def _sigmoid(x: mx.array, exp=_exp) -> mx.array:
+    return 1.0 / (1.0 + exp(-x))  # e^-x = inf gives 0, as it should
+
+
+def swiglu_values(gate: mx.array, x: mx.array) -> mx.array:
+    """``silu(gate) * x`` on ``_exp``, with no custom gradient (for code that is never
+    differentiated, such as the rollout's fused decode step, where the wrapper is one more
+    graph node)."""
+    return gate * _sigmoid(gate) * x
+
+
 def _make_swiglu(exp, shapeless: bool):
     """``silu(gate) * x`` on ``exp``, compiled, with a hand-written gradient."""
 
     def sigmoid(x):
-        return 1.0 / (1.0 + exp(-x))  # e^-x = inf gives 0, as it should
+        return _sigmoid(x, exp)
 
     swiglu = mx.custom_function(
         mx.compile(lambda gate, x: gate * sigmoid(gate) * x, shapeless=shapeless)
@@ -196,12 +207,18 @@ def cpu_attention(queries, keys, values, cache, scale, mask, sinks=None):
     return (weights @ values).reshape(batch, heads, length, -1)
 
 
+def softmax_values(x: mx.array) -> mx.array:
+    """Softmax over the last axis, from ``_exp``, with no custom gradient (see
+    ``swiglu_values``)."""
+    weights = _exp(x - mx.max(x, axis=-1, keepdims=True))
+    return weights / mx.sum(weights, axis=-1, keepdims=True)
+
+
 @mx.custom_function
 def cpu_softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis, from ``_exp``; its gradient needs only its output (as
     ``mx.softmax``'s does), so the backward pass keeps one array per attention, not three."""
-    weights = _exp(x - mx.max(x, axis=-1, keepdims=True))
-    return weights / mx.sum(weights, axis=-1, keepdims=True)
+    return softmax_values(x)
 
 
 @cpu_softmax.vjp

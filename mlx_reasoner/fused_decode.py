@@ -385,8 +385,7 @@ def _project(x: mx.array, spec: _Projection, arrays: dict, residual=None) -> mx.
 def _softmax(scores: mx.array, fast_exp: bool) -> mx.array:
     if not fast_exp:
         return mx.softmax(scores, axis=-1, precise=True)
-    weights = cpu_math._exp(scores - mx.max(scores, axis=-1, keepdims=True))
-    return weights / mx.sum(weights, axis=-1, keepdims=True)
+    return cpu_math.softmax_values(scores)
 
 
 def _swiglu(gate: mx.array, x: mx.array, fast_exp: bool) -> mx.array:
@@ -394,7 +393,7 @@ def _swiglu(gate: mx.array, x: mx.array, fast_exp: bool) -> mx.array:
         from mlx_lm.models.activations import swiglu
 
         return swiglu(gate, x)
-    return gate * (1.0 / (1.0 + cpu_math._exp(-gate))) * x  # cpu_math.cpu_swiglu's formula
+    return cpu_math.swiglu_values(gate, x)
 
 
 def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
