@@ -406,13 +406,12 @@ def _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record):
     for i in range(max_tokens):
         if write + i == sets[0][0][0].shape[2]:
             sets = [tuple(_widen(b, CACHE_MULTIPLE) for b in pair) for pair in sets]
-        keys, values = sets[i % 2]
-        sets[i % 2] = None  # the step's arrays only: then slice_update may write in place
+        # Once the set is replaced by the step's outputs, only the step holds the old buffers,
+        # so slice_update may write into them.
         tokens, logprobs, keys, values, previous = step(
-            tokens, previous, keys, values, mx.array(write + i), start
+            tokens, previous, *sets[i % 2], mx.array(write + i), start
         )
         sets[i % 2] = (keys, values)
-        del keys, values
         if record is not None:
             record(logprobs)
         mx.async_eval(tokens, sets[i % 2], previous)
