@@ -188,6 +188,12 @@ def _laid_out(weight: mx.array, rows: int, transposed_copies: bool, copied=False
     return weight.T, None
 
 
+def _rows_of(bias: mx.array, rows: int) -> mx.array:
+    """``bias`` broadcast to ``[rows, out]`` before the step, so that each ``addmm`` takes it
+    as it is (inside the step the broadcast is a graph node of its own)."""
+    return mx.broadcast_to(bias, (rows, bias.shape[0]))
+
+
 def _update(lora: nn.Module) -> mx.array:
     """An adapter's update to its weight, ``scale (A B)``, laid out ``[in, out]``."""
     return lora.scale * (lora.lora_a @ lora.lora_b)
@@ -201,7 +207,7 @@ def _projection(
     update = _update(lora) if merge and lora is not None else None
     arrays["w"], blocks = _laid_out(base.weight, rows, transposed_copies, update=update)
     if "bias" in base:
-        arrays["b"] = base.bias
+        arrays["b"] = _rows_of(base.bias, rows)
     if lora is None or update is not None:
         return _Projection("bias" in base, blocks, None, False), arrays
     arrays["a"], arrays["lb"] = lora.lora_a, lora.lora_b
@@ -221,12 +227,13 @@ def _joined_qkv(
     arrays = {}
     has_bias = any("bias" in base for base, _ in members)
     if has_bias:
-        arrays["b"] = mx.concatenate(
+        bias = mx.concatenate(
             [
                 base.bias if "bias" in base else mx.zeros(w.shape[0], dtype)
                 for (base, _), w in zip(members, weights)
             ]
         )
+        arrays["b"] = _rows_of(bias, rows)
     joined = mx.concatenate(weights, axis=0)  # [q + k + v, in]
     adapted = [(i, lora) for i, (_, lora) in enumerate(members) if lora is not None]
     if not adapted:
@@ -420,6 +427,8 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
         visible = (columns[None] >= start[:, None]) & (columns[None] <= write)  # [rows, S]
         dtype = params["embed"].dtype
         hidden_mask = mx.where(visible, 0.0, mx.finfo(dtype).min).astype(dtype)[:, None, None]
+        # The mask as each block's score product adds it (one broadcast for all blocks).
+        score_mask = mx.broadcast_to(hidden_mask, (rows, kv_heads, repeats, columns.shape[0]))
         positions = write - start  # [rows]
         x = params["embed"][tokens]  # [rows, dim]
         new_keys, new_values, current = [], [], []
@@ -452,7 +461,8 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
             else:
                 # The query heads that share a key/value head are rows of one matrix.
                 grouped = q.reshape(rows, kv_heads, repeats, head_dim) * plan.scale
-                scores = grouped @ layer_keys.swapaxes(-1, -2) + hidden_mask  # [rows, KV, rep, S]
+                # [rows, KV, rep, S] scores, the mask added
+                scores = mx.addmm(score_mask, grouped, layer_keys.swapaxes(-1, -2))
                 attended = _softmax(scores, plan.fast_exp) @ layer_values  # [rows, KV, rep, D]
             x = add_residual(x, attended.reshape(rows, -1), specs["o"], arrays["o"])
             h = mx.fast.rms_norm(x, arrays["post_norm"], post_eps)
