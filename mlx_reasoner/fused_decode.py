@@ -4,7 +4,7 @@ A decode step of a small model is a few hundred tiny operations, and on the CPU 
 graph node has a fixed cost of a few microseconds, more than most of them compute
 (docs/performance.md, "Where a decode step's time goes"). Run as mlx-lm's modules, one step of
 the bench model is 370 nodes. ``fused_step`` computes the same step as one function over the
-rows as ``[rows, features]`` matrices, in about half as many (181):
+rows as ``[rows, features]`` matrices, in about half as many (174):
 
 - the query, key and value projections as one product, their weights joined once per rollout
   while the joined copies stay small (``JOIN_LIMIT_BYTES``), their LoRA terms as one more;
