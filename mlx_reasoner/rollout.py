@@ -269,34 +269,43 @@ class _DecoderCache:
         entry = {"supported": None, "fused": None, "steps": [], "fused_steps": []}
         return self.layouts.setdefault(key, entry)
 
-    def fused(self, model: nn.Module, plan, sampler: Callable) -> Callable:
-        """The compiled ``fused_decode.fused_step`` for this plan and sampler."""
-        steps = self.entry(model)["fused_steps"]  # [((plan, sampler), compiled step)]
+    @staticmethod
+    def _compiled(steps: list, key, make: Callable, limit: int) -> Callable:
+        """The step compiled for ``key`` (samplers compare by identity), newest first."""
         for known, fn in steps:
-            if known[0] == plan and known[1] is sampler:
+            if known == key:
                 return fn
-        fn = mx.compile(
-            fused_step(plan, block_ropes(model), sampler),
-            inputs=[mx.random.state],
-            outputs=[mx.random.state],
-        )
-        steps.insert(0, ((plan, sampler), fn))
-        del steps[2 * self.samplers :]
+        fn = make()
+        steps.insert(0, (key, fn))
+        del steps[limit:]
         return fn
 
-    def step(self, model: nn.Module, sampler: Callable) -> Callable:
-        steps = self.entry(model)["steps"]  # [(sampler, compiled step)], newest first
-        for known, fn in steps:
-            if known is sampler:
-                return fn
-        fn = mx.compile(
-            _decode_step_fn(model, sampler),
-            inputs=[model.state, mx.random.state],
-            outputs=[mx.random.state],
+    def fused(self, entry: dict, model: nn.Module, plan, sampler: Callable) -> Callable:
+        """The compiled ``fused_decode.fused_step`` for this plan and sampler, in ``entry``
+        (``self.entry(model)``); plans differ by row count too, so twice as many are kept."""
+        return self._compiled(
+            entry["fused_steps"],
+            (plan, sampler),
+            lambda: mx.compile(
+                fused_step(plan, block_ropes(model), sampler),
+                inputs=[mx.random.state],
+                outputs=[mx.random.state],
+            ),
+            2 * self.samplers,
         )
-        steps.insert(0, (sampler, fn))
-        del steps[self.samplers :]
-        return fn
+
+    def step(self, model: nn.Module, sampler: Callable) -> Callable:
+        """The compiled module step for this sampler, in the model's current layout."""
+        return self._compiled(
+            self.entry(model)["steps"],
+            sampler,
+            lambda: mx.compile(
+                _decode_step_fn(model, sampler),
+                inputs=[model.state, mx.random.state],
+                outputs=[mx.random.state],
+            ),
+            self.samplers,
+        )
 
 
 _DECODERS = _DecoderCache()
@@ -364,12 +373,13 @@ def _decode_compiled(
     """
     rows = len(prompts) * group_size
     sampler = sampler or _greedy
+    entry = _DECODERS.entry(model)
     if fused is None:
-        fused = _DECODERS.entry(model)["fused"] is not False
+        fused = entry["fused"] is not False
     planned = fused_plan(model, rows) if fused else None
     if planned is not None:
         plan, params = planned
-        step = functools.partial(_DECODERS.fused(model, plan, sampler), params)
+        step = functools.partial(_DECODERS.fused(entry, model, plan, sampler), params)
         return (*_decode_loop(step, prompts, caches, group_size, max_tokens, stop, record), "fused")
     with lora_as_addmm(model), shared_rope(model), small_weights_transposed(model, rows):
         step = _DECODERS.step(model, sampler)

@@ -217,7 +217,7 @@ def node_count(tmp_path, model, fused: bool) -> int:
     args = (tokens, previous, keys, values, mx.array(write), start)
     if fused:
         plan, params = fused_decode.fused_plan(model, 4)
-        step = rollout._DECODERS.fused(model, plan, rollout._greedy)
+        step = rollout._DECODERS.fused(rollout._DECODERS.entry(model), model, plan, rollout._greedy)
         mx.eval(step(params, *args))  # the first call traces; the second runs the compiled graph
         out = step(params, *args)
     else:
