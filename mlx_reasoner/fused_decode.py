@@ -408,7 +408,7 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
     tokens, log-probabilities, keys, values, this step's columns)`` of
     ``rollout._decode_step_fn``, for ``fused_plan``'s plan and arrays; ``ropes`` are the
     blocks' RoPE modules."""
-    from .rollout import write_columns  # (rollout imports this module)
+    from .rollout import visible_columns, write_columns  # (rollout imports this module)
 
     heads, kv_heads, head_dim = plan.heads, plan.kv_heads, plan.head_dim
     repeats = heads // kv_heads
@@ -423,13 +423,12 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
 
     def step(params, tokens, previous, keys, values, write, start):
         rows = tokens.shape[0]
-        columns = mx.arange(keys[0].shape[2])
-        visible = (columns[None] >= start[:, None]) & (columns[None] <= write)  # [rows, S]
+        width = keys[0].shape[2]
+        visible, positions = visible_columns(width, write, start)  # [rows, S], [rows]
         dtype = params["embed"].dtype
         hidden_mask = mx.where(visible, 0.0, mx.finfo(dtype).min).astype(dtype)[:, None, None]
         # The mask as each block's score product adds it (one broadcast for all blocks).
-        score_mask = mx.broadcast_to(hidden_mask, (rows, kv_heads, repeats, columns.shape[0]))
-        positions = write - start  # [rows]
+        score_mask = mx.broadcast_to(hidden_mask, (rows, kv_heads, repeats, width))
         x = params["embed"][tokens]  # [rows, dim]
         new_keys, new_values, current = [], [], []
         for i, (eps, post_eps, specs) in enumerate(plan.layers):

@@ -186,6 +186,21 @@ def write_columns(buffer: mx.array, previous: mx.array, current: mx.array, write
     return mx.slice_update(buffer, current, write, axes=(2,))
 
 
+def visible_columns(width: int, write, start: mx.array) -> tuple[mx.array, mx.array]:
+    """What a decode step's rows see of their buffers: ``[rows, width]`` true from each row's
+    first prompt column (``start``) to the column written now (``write``), and each row's own
+    position (what RoPE sees)."""
+    columns = mx.arange(width)
+    visible = (columns[None] >= start[:, None]) & (columns[None] <= write)
+    return visible, write - start
+
+
+def last_prompt_columns(keys: list, values: list, write: int) -> list[tuple]:
+    """The ``previous`` columns of a decode's first step (``write_columns``): the last prompt
+    column of each layer, rewritten where a previous step's would go."""
+    return [(k[:, :, write - 1 : write], v[:, :, write - 1 : write]) for k, v in zip(keys, values)]
+
+
 class _FixedCache:
     """Stands in for an mlx-lm ``KVCache`` at one decode step, over a fixed-size buffer.
 
@@ -225,9 +240,8 @@ def _decode_step_fn(model: nn.Module, sampler: Callable):
     each row's prompt begins."""
 
     def step(tokens, previous, keys, values, write, start):
-        columns = mx.arange(keys[0].shape[2])
-        mask = (columns[None] >= start[:, None]) & (columns[None] <= write)
-        positions = write - start  # one array for every block (cpu_math.shared_rope uses it)
+        # One positions array for every block (cpu_math.shared_rope uses it).
+        mask, positions = visible_columns(keys[0].shape[2], write, start)
         caches = [
             _FixedCache(k, v, last, write, positions, mask[:, None, None, :])
             for k, v, last in zip(keys, values, previous)
@@ -409,9 +423,7 @@ def _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record):
             open_rows -= 1
 
     tokens = mx.array([p[-1] for p in prompts for _ in range(group_size)], dtype=mx.uint32)
-    # Two sets of buffers, used in turn (write_columns); the first step rewrites the last
-    # prompt column where a previous step's would go.
-    previous = [(k[:, :, write - 1 : write], v[:, :, write - 1 : write]) for k, v in zip(*sets[0])]
+    previous = last_prompt_columns(*sets[0], write)  # two sets, used in turn (write_columns)
     pending = None
     for i in range(max_tokens):
         if write + i == sets[0][0][0].shape[2]:

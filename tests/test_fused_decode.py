@@ -212,7 +212,7 @@ def node_count(tmp_path, model, fused: bool) -> int:
     caches = [rollout.prefill_prompt(model, PROMPTS[0])]
     sets, write, start = rollout._fixed_buffers(caches, 4, sets=1)
     keys, values = sets[0]
-    previous = [(k[:, :, write - 1 : write], v[:, :, write - 1 : write]) for k, v in zip(*sets[0])]
+    previous = rollout.last_prompt_columns(keys, values, write)
     tokens = mx.array([PROMPTS[0][-1]] * 4, dtype=mx.uint32)
     args = (tokens, previous, keys, values, mx.array(write), start)
     if fused:
