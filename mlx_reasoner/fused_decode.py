@@ -11,7 +11,9 @@ rows as ``[rows, features]`` matrices, in about half as many (174):
 - in float32, each adapter's update added into the rollout's copy of its weight
   (``MERGE_LIMIT_BYTES``), so an adapted projection is one product, not three;
 - with OpenBLAS, the small weights laid out so that it does not pack them at every call
-  (transposed copies, and column blocks for products just over its small-product bound);
+  (transposed copies, and column blocks for products just over its small-product bound, cut
+  where the step uses the parts apart: queries and keys / values, and the MLP's blocks run
+  through SwiGLU and the down projection one by one, so nothing is joined again);
 - RoPE once over the queries and keys together, with the angles computed once per step;
 - in float32, each block's residual adds inside its output projections' ``addmm``;
 - on the CPU, attention with the query heads of a key/value head as rows of one matrix and
@@ -73,6 +75,9 @@ class _Projection:
     blocks: tuple[int, ...] | None  # the weight's column blocks' widths, or one array
     lora_scale: float | None  # None: no adapter; 1.0 where the scales are folded into B
     lora_cast: bool  # the adapter's dtype differs from the base's: mlx-lm's cast-and-add
+    # The weight's row blocks' heights, where the input arrives as that many column blocks
+    # (the MLP's down projection after blocked gate and up projections), or None.
+    in_blocks: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -157,9 +162,32 @@ def _column_blocks(rows: int, in_features: int, out_features: int) -> tuple[int,
     return None
 
 
-def _laid_out(weight: mx.array, rows: int, transposed_copies: bool, copied=False, update=None):
+def _qk_v_blocks(rows: int, in_features: int, outs: list[int]) -> tuple[int, int] | None:
+    """The joined query/key/value weight's column blocks where its product is over OpenBLAS's
+    small-product bound: queries and keys in one, values in the other, where each is under
+    it. The step then takes both blocks as they are, with no join and no split (None: one
+    product is under the bound, or a side is not; ``_column_blocks`` decides)."""
+    bound = cpu_math._SMALL_GEMM_WORK
+    split, total = outs[0] + outs[1], sum(outs)
+    if rows * in_features * total <= bound or rows * in_features * split > bound:
+        return None
+    return split, total - split
+
+
+def _laid_out(
+    weight: mx.array,
+    rows: int,
+    transposed_copies: bool,
+    copied=False,
+    update=None,
+    widths: tuple[int, ...] | None = None,
+    in_blocks: tuple[int, ...] | None = None,
+):
     """``weight.T`` (``[in, out]``, from ``[out, in]``) as the step multiplies by it, plus
     ``update`` (``[in, out]``) if given, and the widths of its column blocks (or None).
+
+    ``widths`` sets the column blocks instead of ``_column_blocks``; ``in_blocks`` asks for row
+    blocks of those heights instead (a tuple of ``[height, out]`` copies, no column blocks).
 
     With OpenBLAS (``transposed_copies``): contiguous column blocks where the product is over
     its small-product bound (``_column_blocks``), one contiguous array where it would pack the
@@ -175,8 +203,15 @@ def _laid_out(weight: mx.array, rows: int, transposed_copies: bool, copied=False
         copy = cpu_math.row_major(weight[start:stop].T)
         return copy if update is None else copy + update[:, start:stop]
 
+    def row_piece(start: int, stop: int) -> mx.array:  # [stop - start, out], row-major
+        copy = cpu_math.row_major(weight[:, start:stop].T)
+        return copy if update is None else copy + update[start:stop]
+
+    if in_blocks is not None:
+        bounds = [sum(in_blocks[:i]) for i in range(len(in_blocks) + 1)]
+        return tuple(row_piece(a, b) for a, b in zip(bounds, bounds[1:])), None
     if transposed_copies:
-        widths = _column_blocks(rows, in_features, out_features)
+        widths = widths or _column_blocks(rows, in_features, out_features)
         if widths is not None:
             bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
             return tuple(piece(a, b) for a, b in zip(bounds, bounds[1:])), widths
@@ -200,16 +235,20 @@ def _update(lora: nn.Module) -> mx.array:
 
 
 def _projection(
-    m: nn.Module, rows: int, transposed_copies: bool, merge: bool
+    m: nn.Module, rows: int, transposed_copies: bool, merge: bool, in_blocks=None
 ) -> tuple[_Projection, dict]:
+    """``in_blocks``: lay the weight out as row blocks (``_laid_out``); only for a projection
+    with no adapter term left (no adapter, or ``merge``)."""
     base, lora = _parts(m)
     arrays = {}
     update = _update(lora) if merge and lora is not None else None
-    arrays["w"], blocks = _laid_out(base.weight, rows, transposed_copies, update=update)
+    arrays["w"], blocks = _laid_out(
+        base.weight, rows, transposed_copies, update=update, in_blocks=in_blocks
+    )
     if "bias" in base:
         arrays["b"] = _rows_of(base.bias, rows)
     if lora is None or update is not None:
-        return _Projection("bias" in base, blocks, None, False), arrays
+        return _Projection("bias" in base, blocks, None, False, in_blocks), arrays
     arrays["a"], arrays["lb"] = lora.lora_a, lora.lora_b
     cast = not (lora.lora_a.dtype == lora.lora_b.dtype == base.weight.dtype)
     return _Projection("bias" in base, blocks, float(lora.scale), cast), arrays
@@ -235,11 +274,12 @@ def _joined_qkv(
         )
         arrays["b"] = _rows_of(bias, rows)
     joined = mx.concatenate(weights, axis=0)  # [q + k + v, in]
+    outs = [w.shape[0] for w in weights]
+    split = _qk_v_blocks(rows, joined.shape[1], outs)
     adapted = [(i, lora) for i, (_, lora) in enumerate(members) if lora is not None]
     if not adapted:
-        arrays["w"], blocks = _laid_out(joined, rows, transposed_copies, copied=True)
+        arrays["w"], blocks = _laid_out(joined, rows, transposed_copies, True, widths=split)
         return _Projection(has_bias, blocks, None, False), arrays
-    outs = [w.shape[0] for w in weights]
     total = sum(outs)
     # One scale (the usual case) stays addmm's alpha, as in the module decode; several are
     # folded into their B blocks.
@@ -257,7 +297,9 @@ def _joined_qkv(
     alpha = 1.0 if alpha is None else alpha
     if merge:
         update = alpha * (lora_a @ lora_b)  # [in, q + k + v]
-        arrays["w"], blocks = _laid_out(joined, rows, transposed_copies, update=update)
+        arrays["w"], blocks = _laid_out(
+            joined, rows, transposed_copies, update=update, widths=split
+        )
         return _Projection(has_bias, blocks, None, False), arrays
     arrays["w"], blocks = _laid_out(joined, rows, transposed_copies, copied=True)
     arrays["a"], arrays["lb"] = lora_a, lora_b
@@ -289,6 +331,27 @@ def _merge_adapters(model: nn.Module) -> bool:
     return total <= MERGE_LIMIT_BYTES
 
 
+def _down_row_blocks(mlp: nn.Module, specs: dict, rows: int, merge: bool, dtype) -> tuple | None:
+    """Row blocks for the down projection matching the gate and up projections' column
+    blocks, so that the step runs SwiGLU on each block and adds the blocks' down products up,
+    with no join of the activations and no split of the residual. Only in float32 (the
+    residual folded into the first ``addmm``), with no adapter term left on the three, and
+    where each down product stays under OpenBLAS's small-product bound."""
+    gate, up = specs["gate"], specs["up"]
+    blocks = gate.blocks
+    if blocks is None or up.blocks != blocks or dtype != mx.float32:
+        return None
+    if gate.lora_scale is not None or up.lora_scale is not None:
+        return None
+    base, lora = _parts(mlp.down_proj)
+    if lora is not None and not merge:
+        return None
+    out_features = base.weight.shape[0]
+    if rows * max(blocks) * out_features > cpu_math._SMALL_GEMM_WORK:
+        return None
+    return blocks
+
+
 def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
     """The fused step's plan and arrays for ``model`` at ``rows`` rows, or None where the
     model's layout is not one the step was written for (see the module's text).
@@ -316,13 +379,16 @@ def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
             return None
         specs, arrays = {}, {}
         names = {"o": attn.o_proj, "gate": mlp.gate_proj, "up": mlp.up_proj}
-        names["down"] = mlp.down_proj
         if joined:
             specs["qkv"], arrays["qkv"] = _joined_qkv(attn, rows, transposed_copies, merge)
         else:
             names.update(q=attn.q_proj, k=attn.k_proj, v=attn.v_proj)
         for name, m in names.items():
             specs[name], arrays[name] = _projection(m, rows, transposed_copies, merge)
+        in_blocks = _down_row_blocks(mlp, specs, rows, merge, dtype)
+        specs["down"], arrays["down"] = _projection(
+            mlp.down_proj, rows, transposed_copies, merge, in_blocks=in_blocks
+        )
         arrays["norm"] = layer.input_layernorm.weight
         arrays["post_norm"] = layer.post_attention_layernorm.weight
         eps = (layer.input_layernorm.eps, layer.post_attention_layernorm.eps)
@@ -356,9 +422,10 @@ def fused_plan(model: nn.Module, rows: int) -> tuple[_Plan, dict] | None:
     return plan, params
 
 
-def _product(x: mx.array, weight, add=None) -> mx.array:
+def _product(x: mx.array, weight, add=None, join: bool = True):
     """``x @ weight (+ add)``, for ``weight`` one array or a tuple of column blocks; ``add`` is
-    a bias (``[out]``) or a residual (``[rows, out]``)."""
+    a bias (``[out]``) or a residual (``[rows, out]``). Column blocks' outputs are joined, or
+    with ``join=False`` returned as a list."""
     if not isinstance(weight, tuple):
         return x @ weight if add is None else mx.addmm(add, x, weight)
     parts, start = [], 0
@@ -366,7 +433,16 @@ def _product(x: mx.array, weight, add=None) -> mx.array:
         end = start + block.shape[1]
         parts.append(x @ block if add is None else mx.addmm(add[..., start:end], x, block))
         start = end
-    return mx.concatenate(parts, axis=-1)
+    return mx.concatenate(parts, axis=-1) if join else parts
+
+
+def _summed_product(blocks: list, spec: _Projection, arrays: dict, residual) -> mx.array:
+    """``concat(blocks) @ W (+ bias) + residual`` for a weight held as row blocks matching
+    ``blocks`` (``spec.in_blocks``): one ``addmm`` per block, each adding to the last."""
+    add = residual if not spec.bias else residual + arrays["b"]
+    for x, piece in zip(blocks, arrays["w"]):
+        add = mx.addmm(add, x, piece)
+    return add
 
 
 def _fast_attention() -> bool:
@@ -435,12 +511,17 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
             specs, arrays, rope = dict(specs), params["layers"][i], ropes[i]
             h = mx.fast.rms_norm(x, arrays["norm"], eps)
             if plan.joined:
-                qkv = _project(h, specs["qkv"], arrays["qkv"])  # [rows, (H + 2 KV) * D]
                 split = (heads + kv_heads) * head_dim
-                qk = qkv[:, :split].reshape(rows, heads + kv_heads, 1, head_dim)
+                spec = specs["qkv"]
+                if spec.lora_scale is None and spec.blocks is not None and spec.blocks[0] == split:
+                    # _qk_v_blocks: the blocks are the queries and keys, and the values
+                    qk, v = _product(h, arrays["qkv"]["w"], arrays["qkv"].get("b"), join=False)
+                else:
+                    qkv = _project(h, spec, arrays["qkv"])  # [rows, (H + 2 KV) * D]
+                    qk, v = qkv[:, :split], qkv[:, split:]
+                qk = qk.reshape(rows, heads + kv_heads, 1, head_dim)
                 qk = rope(qk, offset=positions)  # one RoPE over queries and keys
                 q, k = qk[:, :heads], qk[:, heads:]
-                v = qkv[:, split:]
             else:
                 q = _project(h, specs["q"], arrays["q"]).reshape(rows, heads, 1, head_dim)
                 k = _project(h, specs["k"], arrays["k"]).reshape(rows, kv_heads, 1, head_dim)
@@ -465,10 +546,17 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
                 attended = _softmax(scores, plan.fast_exp) @ layer_values  # [rows, KV, rep, D]
             x = add_residual(x, attended.reshape(rows, -1), specs["o"], arrays["o"])
             h = mx.fast.rms_norm(x, arrays["post_norm"], post_eps)
-            gate = _project(h, specs["gate"], arrays["gate"])
-            up = _project(h, specs["up"], arrays["up"])
-            act = _swiglu(gate, up, plan.fast_exp)
-            x = add_residual(x, act, specs["down"], arrays["down"])
+            if specs["down"].in_blocks is not None:
+                # _down_row_blocks: SwiGLU on each column block, the down products summed
+                gates = _product(h, arrays["gate"]["w"], arrays["gate"].get("b"), join=False)
+                ups = _product(h, arrays["up"]["w"], arrays["up"].get("b"), join=False)
+                acts = [_swiglu(g, u, plan.fast_exp) for g, u in zip(gates, ups)]
+                x = _summed_product(acts, specs["down"], arrays["down"], residual=x)
+            else:
+                gate = _project(h, specs["gate"], arrays["gate"])
+                up = _project(h, specs["up"], arrays["up"])
+                act = _swiglu(gate, up, plan.fast_exp)
+                x = add_residual(x, act, specs["down"], arrays["down"])
         x = mx.fast.rms_norm(x, params["norm"], plan.norm_eps)
         if plan.tied:
             logits = _product(x, params["head"])

@@ -120,9 +120,15 @@ def test_a_rope_of_another_kind_runs_as_its_own_module():
     assert_same_decode(model)
 
 
+# The small-product bound each OpenBLAS layout is tested under (6 rows of the small model):
+# "blocks" puts every product over it, "split blocks" puts the joined query/key/value product
+# over it but its queries-and-keys part under it.
+BOUNDS = {"blocks": 6 * 64 * 40, "split blocks": 32_000}
+
+
 @pytest.mark.parametrize("merged", [True, False])
 @pytest.mark.parametrize("joined", [True, False])
-@pytest.mark.parametrize("openblas", ["no", "copies", "blocks"])
+@pytest.mark.parametrize("openblas", ["no", "copies", "blocks", "split blocks"])
 def test_joined_or_apart_merged_or_not_and_each_weight_layout(
     monkeypatch, merged, joined, openblas
 ):
@@ -130,19 +136,30 @@ def test_joined_or_apart_merged_or_not_and_each_weight_layout(
     (MERGE_LIMIT_BYTES); the query/key/value product joined or three apart
     (JOIN_LIMIT_BYTES); and the weights as views, or, with OpenBLAS, transposed copies where it
     would pack them and column blocks where a product is over its small-product bound (lowered
-    here so that the small model's products are over it): the same numbers every way."""
+    here so that the small model's products are over it), cut at the queries-and-keys / values
+    boundary where that keeps both under it, and with the down projection in row blocks after
+    blocked gate and up projections where no adapter term is left: the same numbers every way."""
     monkeypatch.setattr(fused_decode, "MERGE_LIMIT_BYTES", 2**30 if merged else 0)
     monkeypatch.setattr(fused_decode, "JOIN_LIMIT_BYTES", 2**30 if joined else 0)
     monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: openblas != "no")
-    if openblas == "blocks":
-        monkeypatch.setattr(cpu_math, "_SMALL_GEMM_WORK", 6 * 64 * 40)
+    blocks = openblas in BOUNDS
+    if blocks:
+        monkeypatch.setattr(cpu_math, "_SMALL_GEMM_WORK", BOUNDS[openblas])
     model = adapted(small_model(tie=True))
     plan, params = fused_decode.fused_plan(model, 6)
     assert plan.joined == joined
     assert ("qkv" in params["layers"][0]) == joined
     blocked = [spec.blocks for _, _, specs in plan.layers for _, spec in specs]
-    assert any(blocked) == (openblas == "blocks")
-    assert (plan.head_blocks is not None) == (openblas == "blocks")
+    assert any(blocked) == blocks
+    assert (plan.head_blocks is not None) == blocks
+    specs = dict(plan.layers[0][2])
+    down = specs["down"]
+    assert (down.in_blocks is not None) == (blocks and merged)
+    if down.in_blocks is not None:
+        assert down.blocks is None and down.in_blocks == specs["gate"].blocks
+        assert [w.shape[0] for w in params["layers"][0]["down"]["w"]] == list(down.in_blocks)
+    if joined and openblas == "split blocks":  # 80 query and key columns, 16 value columns
+        assert specs["qkv"].blocks == ((80, 16) if merged else (48, 48))
     adapter_terms = [spec.lora_scale for _, _, specs in plan.layers for _, spec in specs]
     assert all(scale is None for scale in adapter_terms) == merged
     assert_same_decode(model, group_size=2)
