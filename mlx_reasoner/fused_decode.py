@@ -513,7 +513,8 @@ def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
             if plan.joined:
                 split = (heads + kv_heads) * head_dim
                 spec = specs["qkv"]
-                if spec.lora_scale is None and spec.blocks is not None and spec.blocks[0] == split:
+                blocks = spec.blocks or ()
+                if spec.lora_scale is None and len(blocks) == 2 and blocks[0] == split:
                     # _qk_v_blocks: the blocks are the queries and keys, and the values
                     qk, v = _product(h, arrays["qkv"]["w"], arrays["qkv"].get("b"), join=False)
                 else:
