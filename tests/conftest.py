@@ -1,4 +1,6 @@
-"""Shared pytest fixtures: a tiny random Qwen2 model directory, built once per session, offline."""
+"""Shared pytest fixtures: a tiny random Qwen2 model directory, built once per session, offline;
+and, where ``../shared/real`` is present, the real Qwen2.5 tokenizer and GSM8K with a small model
+on the real vocabulary."""
 
 import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
 
@@ -11,7 +13,11 @@ from mlx.utils import tree_map
 
 from mlx_reasoner.checkpoints import save_adapters
 from mlx_reasoner.model import adapter_weights, attach_lora, lora_config
+from mlx_reasoner.shapes import build_shaped_model
 from mlx_reasoner.tiny import build_tiny_model
+
+# The real Qwen2.5 tokenizer, GSM8K and configs, next to the project (absent on users' machines).
+REAL_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "real"
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +46,30 @@ def eval_adapter(tiny_model, tiny_model_dir, tmp_path):
     folder.mkdir()
     save_adapters(folder, adapter_weights(model), {**config, "model": str(tiny_model_dir)})
     return folder
+
+
+@pytest.fixture(scope="session")
+def real_dir() -> Path:
+    """``../shared/real``: the real Qwen2.5 tokenizer and GSM8K; tests skip where it is absent."""
+    if not REAL_DIR.is_dir():
+        pytest.skip(
+            "../shared/real (the real Qwen2.5 tokenizer and GSM8K) is not here: these tests need it"
+        )
+    return REAL_DIR.resolve()
+
+
+@pytest.fixture(scope="session")
+def real_vocab_model_dir(real_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random body on the real 151,936-token vocabulary, with the real Qwen2.5 tokenizer."""
+    return build_shaped_model(
+        tmp_path_factory.mktemp("real_vocab_model"),
+        "vocab-test",
+        tokenizer_dir=real_dir / "qwen2.5-tokenizer",
+        dtype="float32",
+    )
+
+
+@pytest.fixture
+def real_vocab_model(real_vocab_model_dir: Path):
+    """A fresh ``(model, tokenizer)`` pair on the real vocabulary, per test."""
+    return mlx_lm.load(str(real_vocab_model_dir))
