@@ -22,8 +22,12 @@ from mlx_reasoner.answers import (
     parse_gsm8k_answer,
 )
 
+# Each block's body may not hold its own closing tag, so nothing can follow the first
+# </answer> but one optional newline (fullmatch: no trailing text, no second newline).
 _STRICT_FORMAT = re.compile(
-    r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$", flags=re.DOTALL
+    r"<reasoning>\n(?:(?!</reasoning>).)*?\n</reasoning>\n"
+    r"<answer>\n(?:(?!</answer>).)*?\n</answer>\n?",
+    flags=re.DOTALL,
 )
 _SOFT_FORMAT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>", flags=re.DOTALL)
 _INTEGER = re.compile(r"-?\d+")
@@ -84,11 +88,10 @@ def integer(completions: list[str], answers: list[str], **kwargs) -> list[float]
 def strict_format(completions: list[str], answers: list[str], **kwargs) -> list[float]:
     r"""Reward 0.5 when the whole completion is exactly the reasoning/answer layout.
 
-    The pattern is ``^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$``
-    (dot matches newlines): each tag on its own line and a newline after ``</answer>``.
-    The trainer passes completions with the EOS token removed, so a model that stops
-    right after ``</answer>`` without writing a newline does not earn this reward;
-    :func:`soft_format` and :func:`xml_count` give partial credit for that.
+    Each tag sits on its own line and nothing follows ``</answer>`` but at most one
+    newline. The trainer passes completions with the stop token removed, and a chat
+    model usually stops right after ``</answer>`` (Qwen writes ``</answer><|im_end|>``),
+    so both endings earn the reward; any other text after ``</answer>`` does not.
 
     Args:
         completions: model completions, one per sample.
@@ -98,11 +101,13 @@ def strict_format(completions: list[str], answers: list[str], **kwargs) -> list[
     Returns:
         One score per completion.
 
-    >>> strict_format(["<reasoning>\nhalf of 8\n</reasoning>\n<answer>\n4\n</answer>\n",
-    ...                "<reasoning>half of 8</reasoning><answer>4</answer>"], ["4", "4"])
-    [0.5, 0.0]
+    >>> strict_format(["<reasoning>\nhalf of 8\n</reasoning>\n<answer>\n4\n</answer>",
+    ...                "<reasoning>\nhalf of 8\n</reasoning>\n<answer>\n4\n</answer>\n",
+    ...                "<reasoning>\nhalf of 8\n</reasoning>\n<answer>\n4\n</answer>\nbye",
+    ...                "<reasoning>half of 8</reasoning><answer>4</answer>"], ["4"] * 4)
+    [0.5, 0.5, 0.0, 0.0]
     """
-    return [0.5 if _STRICT_FORMAT.match(completion) else 0.0 for completion in completions]
+    return [0.5 if _STRICT_FORMAT.fullmatch(completion) else 0.0 for completion in completions]
 
 
 def soft_format(completions: list[str], answers: list[str], **kwargs) -> list[float]:

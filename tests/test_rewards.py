@@ -110,9 +110,16 @@ def test_integer_without_answer_tag():
     [
         (CLEAN, 0.5),
         ("<reasoning>\n\n</reasoning>\n<answer>\n\n</answer>\n", 0.5),  # empty blocks
-        (CLEAN_NO_NEWLINE, 0.0),  # the classic pattern needs the final newline
+        # A chat model stops with "</answer><|im_end|>" and the stop token is stripped.
+        (CLEAN_NO_NEWLINE, 0.5),
         (TRAILING, 0.0),
+        (CLEAN_NO_NEWLINE + "Hope that helps!", 0.0),  # text right after </answer>
+        (CLEAN + "\n", 0.0),  # a second newline is extra text too
+        (CLEAN_NO_NEWLINE + " ", 0.0),
+        (CLEAN + "<answer>\n5\n</answer>", 0.0),  # a second answer after the first
+        (CLEAN + "x\n</answer>\n", 0.0),  # text, then a stray closing tag
         ("Sure!\n" + CLEAN, 0.0),  # anchored at the start
+        ("\n" + CLEAN, 0.0),
         (ONE_LINE, 0.0),
         (NO_TAGS, 0.0),
         (UNCLOSED, 0.0),
