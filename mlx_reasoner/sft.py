@@ -22,6 +22,9 @@ from .trainer import StepHooks, current_learning_rate, make_optimizer
 
 Sequences = list[tuple[list[int], list[int]]]  # (prompt ids, assistant ids) per example
 
+# Assistant content to find in a rendered template (no template trims or rewrites it).
+_SENTINEL = "@@mlx-reasoner-turn-sentinel@@"
+
 
 def render_completion(reasoning: str, answer: str) -> str:
     """The assistant's text in the format the reasoning prompt asks for.
@@ -37,23 +40,66 @@ def _apply_template(tokenizer, messages, **kwargs) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
-def chat_sequence(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+def turn_terminator(tokenizer) -> int:
+    """The token that ends an assistant turn in the tokenizer's chat template.
+
+    Renders an exchange whose assistant reply is a sentinel and reads what the template
+    writes right after it: the first of those tokens that is a stop token, else the first
+    special one. Qwen2.5's template ends turns with ``<|im_end|>`` although the smallest of
+    its stop ids is ``<|endoftext|>``. Without a template (or when the template drops the
+    reply) this is the tokenizer's EOS token, else its smallest stop id.
+
+    Args:
+        tokenizer: an mlx-lm tokenizer wrapper (or a Hugging Face tokenizer).
+
+    Returns:
+        The token id to end each assistant turn with.
+    """
+    eos = set(tokenizer.eos_token_ids)
+    own_eos = getattr(tokenizer, "eos_token_id", None)
+    fallback = own_eos if own_eos is not None else min(eos)
+    if not getattr(tokenizer, "chat_template", None):
+        return fallback
+    messages = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": _SENTINEL}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    _, found, tail = text.rpartition(_SENTINEL)
+    if not found:
+        return fallback
+    ids = list(tokenizer.encode(tail, add_special_tokens=False))
+    special = eos | set(getattr(tokenizer, "all_special_ids", None) or ())
+    for candidates in (eos, special):
+        first = next((t for t in ids if t in candidates), None)
+        if first is not None:
+            return first
+    return fallback
+
+
+def chat_sequence(
+    tokenizer, messages: Sequence[dict], terminator: int | None = None
+) -> tuple[list[int], list[int]]:
     """Split a conversation into the prompt and its final assistant turn, as token ids.
 
     The assistant turn keeps the template's end-of-turn token, so the model learns to stop;
     anything the template adds after it (such as a newline) is dropped.
+
+    Args:
+        tokenizer: an mlx-lm tokenizer wrapper with a chat template.
+        messages: the conversation, ending with the assistant's turn.
+        terminator: ``turn_terminator(tokenizer)``, when the caller has it already.
     """
     if not messages or messages[-1].get("role") != "assistant":
         raise ReasonerError("each chat example must end with an assistant message")
+    if terminator is None:
+        terminator = turn_terminator(tokenizer)
     prompt = _apply_template(tokenizer, messages[:-1], add_generation_prompt=True)
     full = _apply_template(tokenizer, messages)
     if full[: len(prompt)] == prompt:
         answer = full[len(prompt) :]
     else:  # the template merged tokens across the boundary: encode the turn on its own
         answer = list(tokenizer.encode(messages[-1]["content"], add_special_tokens=False))
-    eos = set(tokenizer.eos_token_ids)
-    stop = next((i for i, t in enumerate(answer) if t in eos), None)
-    answer = answer[: stop + 1] if stop is not None else answer + [min(eos)]
+    ends = set(tokenizer.eos_token_ids) | {terminator}
+    stop = next((i for i, t in enumerate(answer) if t in ends), None)
+    answer = answer[: stop + 1] if stop is not None else answer + [terminator]
     return prompt, answer
 
 
@@ -72,11 +118,12 @@ def example_sequences(
             "give a reasoning column (--reasoning-field), GSM8K-style '#### ' answers, "
             "or a built-in task such as task:letter-count"
         )
+    terminator = turn_terminator(tokenizer)
     sequences = []
     for ex in examples:
         if ex.messages:  # a chat row: its own system prompt (if any), its own turns
             prompt, answer = chat_sequence(
-                tokenizer, [{"role": r, "content": c} for r, c in ex.messages]
+                tokenizer, [{"role": r, "content": c} for r, c in ex.messages], terminator
             )
             if len(prompt) + len(answer) <= max_tokens:
                 sequences.append((prompt, answer))
@@ -88,11 +135,11 @@ def example_sequences(
             messages.append(
                 {"role": "assistant", "content": render_completion(ex.reasoning, ex.answer)}
             )
-            prompt, answer = chat_sequence(tokenizer, messages)
+            prompt, answer = chat_sequence(tokenizer, messages, terminator)
         else:
             prompt = encode_prompt(tokenizer, system_prompt, ex.question)
             text = render_completion(ex.reasoning, ex.answer)
-            answer = list(tokenizer.encode(text)) + [min(tokenizer.eos_token_ids)]
+            answer = list(tokenizer.encode(text)) + [terminator]
         if len(prompt) + len(answer) <= max_tokens:
             sequences.append((prompt, answer))
     if not sequences:

@@ -12,7 +12,13 @@ from mlx_reasoner.data import Example
 from mlx_reasoner.errors import ReasonerError
 from mlx_reasoner.loss import pack_sequences
 from mlx_reasoner.prompts import encode_prompt
-from mlx_reasoner.sft import chat_sequence, example_sequences, nll_loss, render_completion
+from mlx_reasoner.sft import (
+    chat_sequence,
+    example_sequences,
+    nll_loss,
+    render_completion,
+    turn_terminator,
+)
 
 
 def test_example_becomes_prompt_plus_xml_answer_ending_in_end_of_turn(tiny_model):
@@ -58,6 +64,48 @@ def test_chat_rows_train_on_the_final_assistant_turn(tiny_model):
     )
     with pytest.raises(ReasonerError, match="end with an assistant message"):
         chat_sequence(tokenizer, messages[:-1])
+
+
+def test_turn_terminator_of_the_tiny_template_is_im_end(tiny_model):
+    _, tokenizer = tiny_model
+    assert turn_terminator(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_turn_terminator_finds_a_special_token_outside_the_stop_ids(tiny_model):
+    _, tokenizer = tiny_model
+    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert end_of_text not in tokenizer.eos_token_ids
+    # A template whose turns end with another special token (as Gemma's <end_of_turn>).
+    tokenizer._tokenizer.chat_template = (
+        "{%- for m in messages %}{{- m['role'] + ': ' + m['content'] + '<|endoftext|>\\n' }}"
+        "{%- endfor %}{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}"
+    )
+    assert turn_terminator(tokenizer) == end_of_text
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    _, answer = chat_sequence(tokenizer, messages)
+    assert answer[-1] == end_of_text and tokenizer.decode(answer[:-1]) == "4"
+
+
+class _NoTemplateTokenizer:
+    chat_template = None
+
+    def __init__(self, eos_token_id, eos_token_ids):
+        self.eos_token_id, self.eos_token_ids = eos_token_id, eos_token_ids
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+def test_turn_terminator_without_a_template_is_the_eos_token():
+    assert turn_terminator(_NoTemplateTokenizer(7, {3, 7})) == 7
+    assert turn_terminator(_NoTemplateTokenizer(None, {9, 3})) == 3
+
+
+def test_plain_layout_ends_with_the_eos_token_not_the_smallest_stop_id():
+    tokenizer = _NoTemplateTokenizer(7, {3, 7})
+    ((prompt, answer),) = example_sequences(tokenizer, "S", [Example("q", "1", "x")], 1024)
+    assert answer[-1] == 7 and 3 not in answer
+    assert "".join(map(chr, answer[:-1])) == render_completion("x", "1")
 
 
 def test_examples_without_worked_solutions_are_refused(tiny_model):
