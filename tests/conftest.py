@@ -73,3 +73,9 @@ def real_vocab_model_dir(real_dir: Path, tmp_path_factory: pytest.TempPathFactor
 def real_vocab_model(real_vocab_model_dir: Path):
     """A fresh ``(model, tokenizer)`` pair on the real vocabulary, per test."""
     return mlx_lm.load(str(real_vocab_model_dir))
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(real_vocab_model_dir: Path):
+    """The real Qwen2.5 tokenizer as ``mlx_lm.load`` gives it (shared: do not mutate)."""
+    return mlx_lm.load(str(real_vocab_model_dir))[1]
