@@ -139,7 +139,7 @@ def example_sequences(
         else:
             prompt = encode_prompt(tokenizer, system_prompt, ex.question)
             text = render_completion(ex.reasoning, ex.answer)
-            answer = list(tokenizer.encode(text)) + [terminator]
+            answer = list(tokenizer.encode(text, add_special_tokens=False)) + [terminator]
         if len(prompt) + len(answer) <= max_tokens:
             sequences.append((prompt, answer))
     if not sequences:

@@ -92,8 +92,9 @@ class _NoTemplateTokenizer:
     def __init__(self, eos_token_id, eos_token_ids):
         self.eos_token_id, self.eos_token_ids = eos_token_id, eos_token_ids
 
-    def encode(self, text):
-        return [ord(c) for c in text]
+    def encode(self, text, add_special_tokens=True):
+        # A BOS-adding tokenizer: one must not land inside the assistant's answer.
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]
 
 
 def test_turn_terminator_without_a_template_is_the_eos_token():
@@ -104,8 +105,9 @@ def test_turn_terminator_without_a_template_is_the_eos_token():
 def test_plain_layout_ends_with_the_eos_token_not_the_smallest_stop_id():
     tokenizer = _NoTemplateTokenizer(7, {3, 7})
     ((prompt, answer),) = example_sequences(tokenizer, "S", [Example("q", "1", "x")], 1024)
-    assert answer[-1] == 7 and 3 not in answer
+    assert answer[-1] == 7 and 3 not in answer and 1 not in answer
     assert "".join(map(chr, answer[:-1])) == render_completion("x", "1")
+    assert prompt[0] == 1  # the prompt keeps its BOS
 
 
 def test_examples_without_worked_solutions_are_refused(tiny_model):
