@@ -136,10 +136,10 @@ def random_weights(args: ModelArgs, dtype: str = "bfloat16", seed: int = 0) -> d
         raise ValueError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     mx_dtype = DTYPES[dtype]
     # The module's own parameters are lazy and never evaluated: only names and shapes are read.
-    shapes = {name: p.shape for name, p in tree_flatten(Model(args).parameters())}
-    keys = mx.random.split(mx.random.key(seed), len(shapes))
+    param_shapes = {name: p.shape for name, p in tree_flatten(Model(args).parameters())}
+    keys = mx.random.split(mx.random.key(seed), len(param_shapes))
     weights = {}
-    for key, (name, shape) in zip(keys, sorted(shapes.items())):
+    for key, (name, shape) in zip(keys, sorted(param_shapes.items())):
         if name.endswith("norm.weight"):
             weight = mx.ones(shape, dtype=mx_dtype)
         elif name.endswith(".bias"):
