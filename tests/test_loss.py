@@ -20,6 +20,8 @@ from mlx_reasoner.loss import (
     clipped_surrogate,
     completion_logprobs,
     grpo_loss,
+    layout_tolerance,
+    output_head,
     pack_groups,
     pack_sequences,
     shared_prompts_supported,
@@ -668,13 +670,49 @@ def test_shared_prompt_gradients_match_packed(tie, monkeypatch):
     assert np.abs(np.array(dict(tree_flatten(grads))["model.embed_tokens.weight"][2])).sum() > 0
 
 
-def test_shared_prompts_supported_only_where_the_layouts_agree():
+class _CacheIgnoringStack(nn.Module):
+    """A decoder stack that ignores the cache it is handed (so it cannot share prompts)."""
+
+    def __init__(self, stack):
+        super().__init__()
+        self.stack = stack
+        self.embed_tokens = stack.embed_tokens
+
+    @property
+    def pipeline_layers(self):
+        return self.stack.pipeline_layers
+
+    def __call__(self, tokens, cache=None, input_embeddings=None):
+        return self.stack(tokens)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
+def test_shared_prompts_supported_only_where_the_layouts_agree(dtype):
     model = tiny_qwen2()
+    model.set_dtype(dtype)
     assert shared_prompts_supported(model)
-    # A decoder that ignores the cache it is handed cannot share prompts.
-    decoder = model.model
-    model.model = lambda tokens, cache=None: decoder(tokens)
+    model.model = _CacheIgnoringStack(model.model)
     assert not shared_prompts_supported(model)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_model_that_ignores_the_stand_in_mask_fails_the_check(dtype, seed, monkeypatch):
+    # Attention that always takes "causal" lets a left-padded prompt see its padding: the
+    # layouts then differ by about a nat, far over even bfloat16's tolerance.
+    model = tiny_qwen2(seed=seed)
+    model.set_dtype(dtype)
+    assert shared_prompts_supported(model)
+    monkeypatch.setattr(qwen2, "create_attention_mask", lambda h, cache=None, **kw: "causal")
+    assert not shared_prompts_supported(model)
+    assert shared_prompts_supported(model, tolerance=float("inf"))  # no exception: the gap
+
+
+def test_layout_tolerance_follows_the_dtype():
+    # Float32 rounding is far under the floor; bfloat16's is 2^-7 a rounding, about 48 of them.
+    assert layout_tolerance(mx.float32) == 0.05
+    assert layout_tolerance(mx.float16) == pytest.approx(0.05, rel=0.1)
+    assert layout_tolerance(mx.bfloat16) == pytest.approx(48 * 2.0**-7)
 
 
 def test_sliding_window_models_keep_the_packed_layout(monkeypatch):
@@ -817,3 +855,80 @@ def test_row_streams_setting(monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
     monkeypatch.setattr(loss.os, "cpu_count", lambda: 8)
     assert loss.row_streams() == 1  # a GPU: left alone
+
+
+# --- the model's own head semantics, family by family ----------------------------------------
+
+# Enough fields for a tiny model of each family below; each family reads what it needs.
+FAMILY_ARGS = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=VOCAB,
+    rms_norm_eps=1e-5,
+    layer_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
+    # Gemma 2: soft-capped logits; Cohere: logit_scale; Granite: logits_scaling and
+    # multipliers; MiniCPM: hidden states scaled by the width before the head.
+    final_logit_softcapping=2.0,
+    attn_logit_softcapping=50.0,
+    query_pre_attn_scalar=8,
+    logit_scale=0.25,
+    logits_scaling=4.0,
+    attention_multiplier=0.1,
+    embedding_multiplier=2.0,
+    residual_multiplier=0.5,
+    scale_emb=2.0,
+    dim_model_base=8,
+    scale_depth=1.4,
+    sliding_window=64,
+    sliding_window_pattern=2,
+)
+# Families whose __call__ changes the head's output, and some that do not.
+RESCALING_FAMILIES = ["gemma2", "cohere", "granite", "minicpm"]
+PLAIN_FAMILIES = ["qwen2", "llama", "qwen3", "gemma3_text", "phi3", "starcoder2", "olmo2"]
+
+
+def family_model(family: str) -> nn.Module:
+    import importlib
+
+    module = importlib.import_module(f"mlx_lm.models.{family}")
+    mx.random.seed(1)
+    model = module.Model(module.ModelArgs.from_dict({**FAMILY_ARGS, "model_type": family}))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("family", RESCALING_FAMILIES + PLAIN_FAMILIES)
+def test_output_head_gives_the_models_own_logits(family):
+    model = family_model(family)
+    tokens = mx.array([[1, 5, 9, 3, 7]])
+    _, head = output_head(model)
+    expected = np.array(model(tokens).astype(mx.float32))
+    got = np.array(head(model.model(tokens)).astype(mx.float32))
+    np.testing.assert_array_equal(got, expected)  # the same operations, so the same numbers
+
+
+@pytest.mark.parametrize("family", RESCALING_FAMILIES)
+def test_completion_logprobs_follow_a_rescaling_head(family):
+    # The bare projection would score these families on another distribution than they sample.
+    model = family_model(family)
+    batch = pack_sequences(PROMPTS, COMPLETIONS, np.zeros(3), pad_multiple=4)
+    got = np.array(completion_logprobs(model, batch, temperature=0.7, chunk_size=2))
+    expected = reference_logprobs(model, PROMPTS, COMPLETIONS, 0.7)
+    bare = model.lm_head if "lm_head" in model else model.model.embed_tokens.as_linear
+    for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        np.testing.assert_allclose(got[row, : len(completion)], expected[row], atol=1e-5)
+        hidden = model.model(mx.array([prompt + completion]))
+        logits = np.array(bare(hidden).astype(mx.float32), dtype=np.float64)[0] / 0.7
+        logits -= logits.max(axis=-1, keepdims=True)
+        logsm = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        unscaled = [logsm[len(prompt) - 1 + j, t] for j, t in enumerate(completion)]
+        assert np.abs(np.array(unscaled) - expected[row]).max() > 1e-3
