@@ -63,8 +63,10 @@ MERGE_LIMIT_BYTES = 64 * 2**20
 
 
 def fused_decode_apply() -> bool:
-    """Whether the fused step may be used (``MLX_REASONER_FUSED_DECODE`` not off)."""
-    return os.environ.get(ENV_SWITCH, "").strip().lower() not in OFF_VALUES
+    """Whether the fused step may be used: MLX computing on the CPU (the only device it was
+    measured on) and ``MLX_REASONER_FUSED_DECODE`` not off."""
+    switched_off = os.environ.get(ENV_SWITCH, "").strip().lower() in OFF_VALUES
+    return not switched_off and mx.default_device() == mx.cpu
 
 
 @dataclass(frozen=True)
