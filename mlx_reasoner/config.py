@@ -20,6 +20,8 @@ else:  # pragma: no cover - Python 3.10
 from .errors import ReasonerError
 from .loss import LOSS_TYPES
 
+KL_REFERENCES = ("start", "base")
+
 
 def _opt(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
@@ -152,7 +154,13 @@ class TrainConfig(RunConfig):
     )
     epsilon: float = _opt(0.2, "Lower clip range of the policy ratio.", above=0)
     epsilon_high: float | None = _opt(None, "Upper clip range (DAPO); default: --epsilon.", above=0)
-    beta: float = _opt(0.04, "KL weight to the base model (adapters off); 0 skips it.", at_least=0)
+    beta: float = _opt(0.04, "KL weight to the reference policy; 0 skips it.", at_least=0)
+    kl_reference: str = _opt(
+        "start",
+        "KL reference: 'start', the policy training started from (the base plus the "
+        "--adapter-path adapters, if any), or 'base', the bare base model.",
+        choices=KL_REFERENCES,
+    )
     loss_type: str = _opt("grpo", "Loss aggregation.", choices=LOSS_TYPES)
     scale_rewards: bool = _opt(True, "Divide advantages by the group's reward std.")
     num_iterations: int = _opt(1, "Updates per batch of rollouts (mu).", at_least=1)
@@ -174,6 +182,8 @@ class TrainConfig(RunConfig):
             )
         if self.loss_type not in LOSS_TYPES:
             raise ReasonerError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}")
+        if self.kl_reference not in KL_REFERENCES:
+            raise ReasonerError(f"--kl-reference must be one of {', '.join(KL_REFERENCES)}")
         return super().validate()
 
 

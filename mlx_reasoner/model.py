@@ -143,6 +143,55 @@ def adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager[nn.
     return modules_replaced(model, lambda m: isinstance(m, LoRALinear), lambda m: m.linear)
 
 
+class _StartingLoRA(nn.Module):
+    """A LoRA layer that holds the adapter weights training started from, frozen, and shares
+    its base layer with the live one: the KL reference of a run that continues from earlier
+    adapters (no dropout, like any reference)."""
+
+    def __init__(self, lora: nn.Module, lora_a: mx.array, lora_b: mx.array):
+        super().__init__()
+        self.linear = lora.linear
+        self.lora_a, self.lora_b, self.scale = lora_a, lora_b, lora.scale
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        low_rank = (x @ self.lora_a) @ self.lora_b
+        return self.linear(x) + (self.scale * low_rank).astype(x.dtype)
+
+
+def reference_policy(
+    model: nn.Module, starting_adapters: dict[str, mx.array] | None = None
+) -> contextlib.AbstractContextManager[nn.Module]:
+    """Run the KL reference: the base model (every adapter bypassed) when
+    ``starting_adapters`` is None, else the base with those adapter weights (as
+    ``adapter_weights`` names them) in place of the ones being trained.
+
+    Either way the base weights are shared: the reference costs no second model, only the
+    starting adapters' own arrays.
+    """
+    if starting_adapters is None:
+        return adapters_disabled(model)
+    from mlx_lm.tuner.lora import LoRALinear
+
+    names = {id(m): name for name, m in model.named_modules()}
+    missing = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, LoRALinear) and f"{name}.lora_a" not in starting_adapters
+    ]
+    if missing:
+        raise ReasonerError(
+            f"the starting adapters have no weights for {missing[0]} "
+            f"({len(missing)} layers in all): they belong to another adapter layout"
+        )
+
+    def frozen(m: nn.Module) -> nn.Module:
+        name = names[id(m)]
+        return _StartingLoRA(m, starting_adapters[f"{name}.lora_a"], starting_adapters[f"{name}.lora_b"])
+
+    return modules_replaced(model, lambda m: isinstance(m, LoRALinear), frozen)
+
+
 class _AddmmLoRA(nn.Module):
     """A LoRA layer's forward on 2-D rows, its low-rank term added by one ``mx.addmm``.
 

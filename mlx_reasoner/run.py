@@ -69,6 +69,10 @@ def load_train_and_eval_examples(config):
     return examples, held_out[: config.eval_limit]
 
 
+# The adapters a run started from (``--adapter-path``), its KL reference.
+STARTING_ADAPTERS = "starting_adapters.safetensors"
+
+
 def setup_model(
     model_name: str,
     adapter_path,
@@ -127,6 +131,7 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
     def fit(run: "TrainingRun") -> None:
         run.sampler = batch_iterator(run.examples, config.batch_size, config.seed)
         run.optimizer = make_optimizer(config, config.num_iterations)
+        starting = run.starting_adapters()  # before a resumed run loads its checkpoint
         hooks = run.restore()
         train(
             config,
@@ -138,6 +143,7 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
             run.display,
             run.optimizer,
             hooks,
+            starting_adapters=starting,
         )
 
     return training_run(
@@ -252,6 +258,24 @@ class TrainingRun:
         self.last_step = 0
         self.metrics_log = None
         self.rollouts_log = None
+
+    def starting_adapters(self) -> dict | None:
+        """The KL reference's adapters: those training started from (``--adapter-path``),
+        kept in the run folder so that a resumed run compares with the same policy; None for
+        the bare base (no starting adapters, or ``--kl-reference base``)."""
+        from .checkpoints import atomic_save_safetensors
+        from .model import adapter_weights
+
+        config, path = self.config, self.run_dir / STARTING_ADAPTERS
+        if getattr(config, "kl_reference", "base") == "base":
+            return None
+        if config.resume:
+            return dict(mx.load(str(path))) if path.is_file() else None
+        if config.adapter_path is None:
+            return None
+        weights = adapter_weights(self.model)
+        atomic_save_safetensors(path, weights)
+        return weights
 
     def restore(self) -> "StepHooks":
         """Continue from the newest checkpoint when resuming; open the logs; build the hooks."""
@@ -454,7 +478,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
 
 def _discard_unstarted_run(run_dir: Path) -> None:
     """Remove what a run that never finished a step wrote, and its folder if that empties it."""
-    for name in ("config.json", "metrics.jsonl", "rollouts.jsonl"):
+    for name in ("config.json", "metrics.jsonl", "rollouts.jsonl", STARTING_ADAPTERS):
         (run_dir / name).unlink(missing_ok=True)
     if run_dir.is_dir() and not any(run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -26,7 +26,7 @@ from .loss import (
     pack_sequences,
     shared_prompts_supported,
 )
-from .model import adapters_disabled
+from .model import reference_policy
 from .rollout import Rollouts, generate_groups
 
 
@@ -262,11 +262,13 @@ def policy_update(
     rollouts: Rollouts,
     advantages: np.ndarray,
     config: TrainConfig,
+    starting_adapters: dict | None = None,
 ) -> UpdateStats:
     """Apply ``num_iterations`` clipped GRPO updates to the adapters from one batch of rollouts.
 
-    The reference (adapters off) and, for several iterations, the old-policy log-probs are
-    computed once, before the first update; gradients accumulate over micro-batches.
+    The reference (``model.reference_policy``: the base, or the base with
+    ``starting_adapters``) and, for several iterations, the old-policy log-probs are computed
+    once, before the first update; gradients accumulate over micro-batches.
     """
     batches = micro_batches(
         rollouts, advantages, config.micro_batch_size, grad_computer.share_prompts
@@ -276,7 +278,7 @@ def policy_update(
     )
     ref = [None] * len(batches)
     if config.beta > 0:
-        with adapters_disabled(model):
+        with reference_policy(model, starting_adapters):
             ref = logprobs_no_grad(model, batches, config.temperature)
     old = [None] * len(batches)
     if config.num_iterations > 1:
@@ -467,6 +469,7 @@ def train(
     display,
     optimizer: optim.Optimizer | None = None,
     hooks: StepHooks | None = None,
+    starting_adapters: dict | None = None,
 ) -> list[dict]:
     """Run GRPO steps on LoRA adapters already attached to ``model``.
 
@@ -480,6 +483,8 @@ def train(
         display: a ``TrainDisplay`` (or anything with phase/update/sample/message).
         optimizer: from ``make_optimizer`` (possibly restored from a checkpoint).
         hooks: after-step actions and the first step; default: none, from step 1.
+        starting_adapters: the adapters training started from, by name, as the KL reference
+            (``model.reference_policy``); None: the bare base model.
 
     Returns:
         The list of per-step metrics.
@@ -523,7 +528,9 @@ def train(
 
         display.phase("training")
         lr = current_learning_rate(optimizer)
-        update = policy_update(model, optimizer, grads, rollouts, advantages, config)
+        update = policy_update(
+            model, optimizer, grads, rollouts, advantages, config, starting_adapters
+        )
         mx.clear_cache()
         trained = time.perf_counter()
 
