@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cpu_math import fast_activations, logsumexp
+from .cpu_math import fast_activations
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 
@@ -342,7 +342,7 @@ def _chunk_logprobs(head: Callable, temperature: float):
     def fn(hidden: mx.array, targets: mx.array) -> mx.array:
         logits = head(hidden).astype(mx.float32) / temperature  # [B, c, V]
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return picked - logsumexp(logits)  # [B, c]
+        return picked - mx.logsumexp(logits, axis=-1)  # [B, c]
 
     return fn
 

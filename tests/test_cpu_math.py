@@ -166,36 +166,6 @@ def test_cpu_attention_matches_mlx_lm(heads, kv_heads, length, width, exponentia
             assert mx.allclose(ours, theirs, rtol=1e-4, atol=1e-4).item(), name
 
 
-def test_logsumexp_matches_mlx_values_and_gradients(monkeypatch):
-    from mlx_reasoner.cpu_math import logsumexp
-
-    monkeypatch.setattr(cpu_math, "fast_activations_apply", lambda: True)
-    mx.random.seed(2)
-    logits = 6 * mx.random.normal((40, 512))  # 20480 elements: the polynomial's size
-    weights = mx.random.normal((40,))
-    assert logits.size >= cpu_math.POLYNOMIAL_MIN_SIZE
-    ours = logsumexp(logits)
-    theirs = mx.logsumexp(logits, axis=-1)
-    assert ours.shape == theirs.shape
-    assert mx.allclose(ours, theirs, rtol=1e-6, atol=1e-5).item()
-    grads = [
-        mx.grad(lambda x, f=f: (f(x) * weights).sum())(logits)
-        for f in (logsumexp, lambda x: mx.logsumexp(x, axis=-1))
-    ]
-    assert mx.allclose(*grads, rtol=1e-5, atol=1e-6).item()
-
-
-def test_logsumexp_is_mlx_own_where_the_swap_does_not_apply(monkeypatch):
-    from mlx_reasoner.cpu_math import logsumexp
-
-    logits = mx.random.normal((40, 512))
-    monkeypatch.setattr(cpu_math, "fast_activations_apply", lambda: False)
-    assert mx.array_equal(logsumexp(logits), mx.logsumexp(logits, axis=-1)).item()
-    monkeypatch.setattr(cpu_math, "fast_activations_apply", lambda: True)
-    small = logits[:2]  # below POLYNOMIAL_MIN_SIZE
-    assert mx.array_equal(logsumexp(small), mx.logsumexp(small, axis=-1)).item()
-
-
 @pytest.mark.parametrize("dims, head_dim, length", [(16, 16, 1), (8, 16, 3)])
 def test_shared_rope_gives_mx_fast_rope_exactly(dims, head_dim, length):
     import mlx.nn as nn
