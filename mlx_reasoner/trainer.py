@@ -314,6 +314,10 @@ def policy_update(
     )
 
 
+# The share of a step's completions cut at the length limit that earns a warning.
+TRUNCATION_WARNING = 0.5
+
+
 def is_due(step: int, every: int, last: int) -> bool:
     """Whether a periodic action (save, evaluate) runs after ``step``: every N and at the end."""
     return step == last or (every > 0 and step % every == 0)
@@ -359,6 +363,7 @@ class StepHooks:
         self.should_stop = should_stop
         self.start_step = start_step
         self.bad_in_a_row = 0
+        self.warned_truncation = False
 
     def steps(self):
         """The steps still to run; each starts from its own seed, so a resumed run samples
@@ -378,6 +383,7 @@ class StepHooks:
         if self.on_step is not None:
             self.on_step(step, metrics, records)
         display.update(metrics)
+        self._warn_truncation(step, metrics)
         saved = False
         if skipped:
             self.bad_in_a_row += 1
@@ -402,6 +408,19 @@ class StepHooks:
             if not saved:
                 self._save(step)
             raise StopTraining(step, reason)
+
+    def _warn_truncation(self, step: int, metrics: dict) -> None:
+        """Say once when most of a step's completions hit the length limit: their rewards then
+        judge answers the model was not allowed to finish."""
+        cut = metrics.get("truncated_fraction")
+        if self.warned_truncation or cut is None or cut < TRUNCATION_WARNING:
+            return
+        self.warned_truncation = True
+        self.display.message(
+            f"step {step}: {cut:.0%} of the completions were cut at --max-completion-tokens "
+            f"{self.config.max_completion_tokens}; if answers need more room, raise it "
+            "(the truncated share is logged every step as truncated_fraction)"
+        )
 
     def _save(self, step: int) -> bool:
         if self.on_save is None:

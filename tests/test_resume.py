@@ -282,3 +282,15 @@ def test_resume_without_checkpoint_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"steps": 3}))
     result = CliRunner().invoke(main, ["train", "--resume", str(tmp_path)])
     assert result.exit_code == 1 and "no complete checkpoint" in result.output
+
+
+def test_a_step_mostly_cut_at_the_length_limit_is_said_once():
+    display = RecordingDisplay()
+    config = TrainConfig(steps=10, save_every=0, max_completion_tokens=32)
+    hooks = StepHooks(config, display)
+    hooks.finish(1, {"truncated_fraction": 0.25}, [], skipped=False)
+    assert display.messages == []
+    hooks.finish(2, {"truncated_fraction": 0.75}, [], skipped=False)
+    hooks.finish(3, {"truncated_fraction": 1.0}, [], skipped=False)
+    assert len(display.messages) == 1
+    assert "75% of the completions were cut at --max-completion-tokens 32" in display.messages[0]
