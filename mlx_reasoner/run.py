@@ -372,6 +372,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
     run that failed before writing anything leaves no folder behind.
     """
     from .checkpoints import latest_checkpoint
+    from .memory import preflight
     from .model import check_adapter_dir
     from .prompts import load_system_prompt
     from .trainer import StopTraining
@@ -380,6 +381,8 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
     system_prompt = load_system_prompt(config.system_prompt)
     if config.adapter_path is not None and not config.resume:
         check_adapter_dir(config.adapter_path)
+    # A GRPO step that cannot fit is refused here, before any folder or model (memory.py).
+    preflight(config, system_prompt)
     if config.resume:
         run_dir = Path(config.resume)
         if latest_checkpoint(run_dir) is None:
