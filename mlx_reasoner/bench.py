@@ -373,6 +373,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     initial_adapters = tree_flatten(model.trainable_parameters())
     prompts = [encode_prompt(tokenizer, system_prompt, ex.question) for ex in examples]
 
+    estimate = memory_estimate(model, config, prompts, lora["num_layers"])
     gflops = matmul_gflops(1024)
     records = bench_steps(
         model, tokenizer, prompts, examples, rewards, config, config.beta, log=log
@@ -418,9 +419,27 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         versions=_versions(),
         steps=records,
     )
+    if estimate is not None:
+        result["memory_estimate_gb"] = estimate.split()
+        result["memory_estimate_phase"] = estimate.phase
     if output is not None:
         atomic_write_json(output, _json_ready(result))
     return result
+
+
+def memory_estimate(model, config: BenchConfig, prompts, lora_layers: int):
+    """``memory.estimate_step`` for this bench's model and settings (None for a model whose
+    shape it cannot read)."""
+    import dataclasses
+
+    from .memory import ModelShape, estimate_step, step_options
+
+    try:
+        shape = ModelShape.from_model(model)
+    except (AttributeError, ValueError):
+        return None
+    options = step_options(config.train_config(), max(len(p) for p in prompts))
+    return estimate_step(shape, dataclasses.replace(options, lora_layers=lora_layers))
 
 
 def _json_ready(value):
@@ -489,6 +508,7 @@ def bench_table(result: dict):
         ),
         ("peak memory", f"{result['peak_memory_gb']:.3f} GB", "mx.get_peak_memory, per step"),
     ]
+    rows += _estimate_rows(result)
     if "peak_memory_ratio_beta" in result:
         value = result["peak_memory_ratio_beta"]
         beta = result["compare_beta"]["beta"]
@@ -505,6 +525,31 @@ def bench_table(result: dict):
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def _estimate_rows(result: dict) -> list[tuple[str, str, str]]:
+    """The memory estimate's split, under the measured peak."""
+    split = result.get("memory_estimate_gb")
+    if split is None:
+        return []
+    rows = [
+        (
+            "  estimated",
+            f"{split['peak']:.3f} GB",
+            f"memory.estimate_step, peak at the {result['memory_estimate_phase']} "
+            f"(rollout {split['rollout']:.3f}, training pass {split['training']:.3f} GB)",
+        )
+    ]
+    parts = [
+        ("weights", "weights", "the model's weights"),
+        ("KV cache", "kv_cache", "the rollout's key/value buffers"),
+        ("activations", "activations", "kept for the backward pass of one micro-batch"),
+        ("logits", "logits", "float32 logits of one micro-batch, forward and backward"),
+        ("adapters", "adapters", "LoRA weights, gradients and AdamW moments"),
+    ]
+    for label, key, what in parts:
+        rows.append((f"    {label}", f"{split[key]:.3f} GB", what))
+    return rows
 
 
 def _verdict(text: str, met: bool) -> str:

@@ -74,6 +74,16 @@ def test_bench_cli_writes_every_figure(tiny_model_dir, tmp_path):
         # Each completion is scored with its prompt in front (counted G times, though run once).
         assert record["train_tokens"] == group * record["prompt_tokens"] + batch * group * tokens
     assert figures["completion_tokens_per_step"] == batch * group * tokens
+    # The estimate's split sits beside the measured peak.
+    assert "estimated" in result.output and "KV cache" in result.output
+    split = figures["memory_estimate_gb"]
+    for part in ("weights", "kv_cache", "activations", "logits", "adapters"):
+        assert split[part] > 0, part
+    assert split["peak"] == max(split["rollout"], split["training"])
+    assert split["training"] == pytest.approx(
+        split["weights"] + split["activations"] + split["logits"] + split["adapters"]
+    )
+    assert figures["memory_estimate_phase"] in ("rollout", "training pass")
 
 
 def test_bench_compares_peak_memory_with_and_without_the_reference(tiny_model_dir):
