@@ -99,7 +99,10 @@ class RunConfig:
         "not with --grad-checkpoint).",
     )
     memory_limit_gb: float | None = _opt(
-        None, "Cap the memory MLX may use, in GB (default: MLX's own limit).", above=0
+        None,
+        "Cap the memory MLX may use, in GB; train refuses to start a run whose estimated peak "
+        "is above it (default: the device's memory, and MLX's own limit).",
+        above=0,
     )
     eval_every: int = _opt(
         0, "Evaluate on held-out questions every N steps (0: never).", at_least=0
