@@ -384,11 +384,30 @@ def shared_prompts_supported(model: nn.Module, tolerance: float | None = None) -
     return bool(np.isfinite(gap) and gap <= tolerance)
 
 
+# The float32 logits of one chunk of completion positions (all rows) stay under this: at
+# Qwen2.5's 151,936-token vocabulary, 8 rows x 128 positions would be 622 MB, and the chunk's
+# backward pass holds a few arrays of that size (docs/performance.md).
+LOGITS_CHUNK_BYTES = 160 * 2**20
+MAX_LOGITS_CHUNK = 128
+
+
+def logits_chunk(rows: int, vocab: int) -> int:
+    """Completion positions per chunk of the vocabulary projection: ``MAX_LOGITS_CHUNK``, or
+    fewer (a multiple of 8, at least 8) where ``rows`` x that many logits would pass
+    ``LOGITS_CHUNK_BYTES``.
+
+    >>> logits_chunk(8, 512), logits_chunk(8, 151936), logits_chunk(4, 151936)
+    (128, 32, 64)
+    """
+    fits = LOGITS_CHUNK_BYTES // (4 * max(rows, 1) * max(vocab, 1))
+    return max(8, min(MAX_LOGITS_CHUNK, fits // 8 * 8))
+
+
 def completion_logprobs(
     model: nn.Module,
     batch: PackedBatch,
     temperature: float = 1.0,
-    chunk_size: int = 128,
+    chunk_size: int | None = None,
 ) -> mx.array:
     """Log-probabilities of each completion token, with its prompt in context.
 
@@ -405,13 +424,16 @@ def completion_logprobs(
             needs a model whose attention uses mlx-lm's cache protocol
             (``shared_prompts_supported`` checks).
         temperature: logits are divided by it, matching the sampling distribution.
-        chunk_size: completion positions projected at a time.
+        chunk_size: completion positions projected at a time; by default as many as keep
+            one chunk's float32 logits, over all rows, under ``LOGITS_CHUNK_BYTES``.
 
     Returns:
         ``[B, T]`` float32 log-probabilities (garbage where ``batch.mask`` is 0).
     """
     head_module, head = output_head(model)
     chunk_fn = _chunk_logprobs(head, temperature)
+    if chunk_size is None:
+        chunk_size = logits_chunk(len(batch), head_module.weight.shape[0])
 
     def rows_logprobs(hidden: mx.array, targets: mx.array) -> mx.array:
         pieces = []
