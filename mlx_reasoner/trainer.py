@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from .advantages import group_advantages, zero_std_fraction
 from .config import TrainConfig
@@ -122,7 +122,7 @@ class GradientComputer:
             model,
             loss_config,
             config.temperature,
-            compile=config.compile,
+            compile=config.compile and compile_training_pass(model),
             share_prompts=use_shared_prompts(model, config),
         )
 
@@ -147,6 +147,21 @@ class GradientComputer:
         if ref_logp is not None:
             inputs["ref_logp"] = ref_logp
         return self._step(inputs)
+
+
+# On the CPU, ``mx.compile`` pays off for the training pass of small models, whose time goes on
+# dispatching many small kernels (0.8 of the uncompiled time on the 2.9M-parameter bench model),
+# and loses on large ones (1.08x the time and +0.3 GB at the Qwen2.5-0.5B width).
+COMPILE_MAX_PARAMETERS = 50_000_000
+
+
+def compile_training_pass(model: nn.Module) -> bool:
+    """Whether the training pass is compiled (``--compile`` permitting): always off the CPU,
+    as mlx-lm's own trainer does; on the CPU for models under ``COMPILE_MAX_PARAMETERS``."""
+    if mx.default_device() != mx.cpu:
+        return True
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    return total < COMPILE_MAX_PARAMETERS
 
 
 @dataclass

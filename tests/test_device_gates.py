@@ -40,3 +40,14 @@ def test_a_rollout_on_a_gpu_takes_mlx_lms_batch_generator(tiny_model, on_gpu):
     assert rollouts.decoder == "BatchGenerator"
     with cpu_math.shared_rope(model):
         assert not any(type(m).__name__ == "_SharedRoPE" for _, m in model.named_modules())
+
+
+def test_the_training_pass_is_compiled_for_small_models_on_the_cpu(tiny_model, monkeypatch):
+    from mlx_reasoner import trainer
+
+    model, _ = tiny_model
+    assert trainer.compile_training_pass(model)
+    monkeypatch.setattr(trainer, "COMPILE_MAX_PARAMETERS", 1000)  # as if the model were large
+    assert not trainer.compile_training_pass(model)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert trainer.compile_training_pass(model)  # off the CPU, as mlx-lm's trainer does
