@@ -438,7 +438,7 @@ def memory_estimate(model, config: BenchConfig, prompts, lora_layers: int):
         shape = ModelShape.from_model(model)
     except (AttributeError, ValueError):
         return None
-    options = step_options(config.train_config(), max(len(p) for p in prompts))
+    options = step_options(config.train_config(), max(len(p) for p in prompts), shape)
     return estimate_step(shape, dataclasses.replace(options, lora_layers=lora_layers))
 
 

@@ -13,7 +13,7 @@ Everything is arithmetic on the shape. The per-token constants below were measur
 ``mx.get_peak_memory`` at the Qwen2.5-3B width in bfloat16 over 1, 2 and 4 blocks and checked
 at the full 36 (``scripts/memory_3b.py``; figures in docs/performance.md, "Memory at the 3B
 shape"). Small arrays (token ids, masks, per-token log-probs, a block's transient scratch) are
-left out; ``ESTIMATE_TOLERANCE`` says how far the estimate may be from a measured peak.
+left out; ``training_bounds`` says how far a measured peak may fall from the estimate.
 """
 
 from __future__ import annotations
@@ -40,17 +40,25 @@ MLX_LM_CACHE_STEP = 256
 # Bytes each adapted block keeps for the backward pass, per token, in units of the compute
 # dtype: so many hidden-size vectors and so many MLP-width vectors (the norms' and the LoRA
 # layers' inputs, the attention's queries/keys/values and output, the SwiGLU's gate and up).
-SAVED_HIDDEN_PER_TOKEN = 9.0
-SAVED_MLP_PER_TOKEN = 4.0
-# Attention kept per block: the softmax weights (float32) and their scores, per query-key pair.
+# Fitted to the full-depth 3B micro-batch (docs/performance.md, "Memory at the 3B shape").
+SAVED_HIDDEN_PER_TOKEN = 10.0
+SAVED_MLP_PER_TOKEN = 4.25
+# Attention kept per block: the softmax weights and their scores, per query-key pair.
 SAVED_SCORE_BYTES = 6.0
 # With --grad-checkpoint a block keeps its input only (mlx-lm's block checkpointing), plus
-# one block recomputed at a time in the backward pass.
+# the block being recomputed in the backward pass and its gradients' scratch.
 CHECKPOINTED_HIDDEN_PER_TOKEN = 1.0
-# Float32 copies of the [rows, positions, vocab] logits alive at the peak of the training pass
-# (logits, scaled, log-sum-exp terms and their gradients): measured, every chunk of 128
-# positions at once inside the compiled step.
-LOGIT_COPIES = 5.4
+CHECKPOINT_WORKING_BLOCKS = 1.5
+# Float32 logits of the vocabulary projection alive at the peak of the training pass (logits,
+# scaled logits, log-sum-exp terms, gradients). The loss projects them in chunks under
+# mx.checkpoint (loss.logits_chunk). Run plainly, a few copies of one chunk stay alive plus a
+# fraction of the whole micro-batch's worth (fitted to the loss's own chunk measurements at the
+# real vocabulary); inside a compiled step MLX keeps 2.4 to 5.3 copies of the whole micro-batch's
+# worth, depending on how it orders the chunks, and the estimate takes the most measured.
+LOGIT_CHUNK_COPIES = 4.0
+LOGIT_WHOLE_COPIES = 0.65
+LOGIT_COPIES_COMPILED = 5.3
+LOGIT_COPIES_LEAST = 1.0  # the fewest measured, in copies of the whole micro-batch's worth
 # The rollout: the two sets of buffers, plus a third while both grow by a block of columns.
 DECODE_KV_SETS = 3.0
 # mlx-lm's BatchGenerator: one cache, copied as it is merged and grown.
@@ -60,10 +68,9 @@ DECODE_VOCAB_COPIES = 4.0
 # Adapters in float32: weights, this micro-batch's gradients, their running sum, AdamW's two.
 ADAPTER_COPIES = 5
 
-# How far a measured mx.get_peak_memory may be from the estimate, as a ratio: what is left out
-# (token ids, masks, per-token log-probs, a block's transient scratch, MLX's allocation
-# rounding) is a few percent at real shapes, more on tiny models where it is most of the total.
-ESTIMATE_TOLERANCE = 1.25
+# The per-token constants come from one width (the 3B's); another width keeps a somewhat
+# different share of hidden- and MLP-sized arrays: this much either way.
+ACTIVATION_SPREAD = 0.25
 
 # Question and chat template, in tokens, on top of the system prompt's own: GSM8K's longest
 # question is 212 Qwen2.5 tokens and the template 10 more (its longest prompt is 247 tokens
@@ -182,6 +189,13 @@ class ModelShape:
         matrices = self.num_layers * self.block_matrix_elements() + embeddings
         return self._matrix_bytes(matrices) + (self.num_layers * vectors + h) * self.dtype_bytes
 
+    def parameters(self) -> int:
+        """Base parameters (elements, not bytes; a quantized matrix counts as unpacked)."""
+        h = self.hidden_size
+        vectors = 2 * h + (self.num_heads * self.head_dim + 2 * self.kv_dim) * self.attention_bias
+        embeddings = self.vocab_size * h * (1 if self.tied_embeddings else 2)
+        return self.num_layers * (self.block_matrix_elements() + vectors) + embeddings + h
+
     def lora_parameters(self, layers: int, rank: int) -> int:
         """LoRA parameters on every linear layer of ``layers`` blocks (mlx-lm's default keys)."""
         h, q, i = self.hidden_size, self.num_heads * self.head_dim, self.intermediate_size
@@ -241,6 +255,7 @@ class StepOptions:
     grad_checkpoint: bool = False
     share_prompts: bool = True
     compiled_decode: bool = True  # two sets of fixed KV buffers (CPU); else a BatchGenerator
+    compiled_training: bool = False  # the training pass under mx.compile (trainer.GradientComputer)
 
     @classmethod
     def from_config(cls, config, prompt_tokens: int, **overrides) -> "StepOptions":
@@ -369,6 +384,33 @@ def left_out_bytes(shape: ModelShape, options: StepOptions) -> int:
     return block_activation_bytes(shape, options) + per_token
 
 
+def logits_bytes(shape: ModelShape, options: StepOptions) -> int:
+    """The vocabulary projection's float32 logits at the peak of a micro-batch's training pass."""
+    from .loss import logits_chunk
+
+    rows = min(options.micro_batch_size, options.completions)
+    positions = _round_up(options.max_completion_tokens, TRAIN_PAD)
+    whole = rows * positions * shape.vocab_size * 4
+    if options.compiled_training:
+        return int(LOGIT_COPIES_COMPILED * whole)
+    chunk = rows * min(positions, logits_chunk(rows, shape.vocab_size)) * shape.vocab_size * 4
+    return int(LOGIT_CHUNK_COPIES * chunk + LOGIT_WHOLE_COPIES * whole)
+
+
+def training_bounds(estimate: "MemoryEstimate") -> tuple[float, float]:
+    """The range a measured training-pass peak should fall in, from what the estimate leaves
+    out or takes at its most: the logits may be as few as ``LOGIT_COPIES_LEAST`` copies, the
+    activations off by ``ACTIVATION_SPREAD``, and ``left_out_bytes`` may come on top."""
+    spread = ACTIVATION_SPREAD * estimate.activations
+    options = estimate.options
+    rows = min(options.micro_batch_size, options.completions)
+    positions = _round_up(options.max_completion_tokens, TRAIN_PAD)
+    fewest = LOGIT_COPIES_LEAST * rows * positions * estimate.shape.vocab_size * 4
+    low = estimate.training - max(estimate.logits - fewest, 0) - spread
+    high = estimate.training + spread + left_out_bytes(estimate.shape, estimate.options)
+    return low, high
+
+
 def block_activation_bytes(shape: ModelShape, options: StepOptions) -> int:
     """What one adapted block keeps for the backward pass of a micro-batch."""
     per_token = (
@@ -404,12 +446,11 @@ def estimate_step(shape: ModelShape, options: StepOptions) -> MemoryEstimate:
     tokens = training_tokens(options)
     if options.grad_checkpoint:
         kept = CHECKPOINTED_HIDDEN_PER_TOKEN * shape.hidden_size * b * tokens
-        activations = int(blocks * kept) + block_activation_bytes(shape, options)
+        working = CHECKPOINT_WORKING_BLOCKS * block_activation_bytes(shape, options)
+        activations = int(blocks * kept + working)
     else:
         activations = blocks * block_activation_bytes(shape, options)
-    micro_rows = min(options.micro_batch_size, rows)
-    positions = _round_up(options.max_completion_tokens, TRAIN_PAD)
-    logits = int(LOGIT_COPIES * micro_rows * positions * shape.vocab_size * 4)
+    logits = logits_bytes(shape, options)
 
     adapters = ADAPTER_COPIES * shape.lora_parameters(options.lora_layers, options.lora_rank) * 4
     return MemoryEstimate(
@@ -569,17 +610,33 @@ def _lora_layout(config) -> tuple[int, int]:
     return config.lora_layers, config.lora_rank
 
 
-def step_options(config, prompt_tokens: int) -> StepOptions:
-    """The ``StepOptions`` of a train (or bench) config on this device."""
+def compiles_training_pass(shape: ModelShape) -> bool:
+    """Whether ``trainer.GradientComputer`` compiles this model's training pass here (as
+    ``trainer.compile_training_pass`` decides it from the loaded model)."""
+    import mlx.core as mx
+
+    from . import trainer
+
+    limit = getattr(trainer, "COMPILE_MAX_PARAMETERS", None)
+    if limit is None or mx.default_device() != mx.cpu:
+        return True
+    return shape.parameters() < limit
+
+
+def step_options(config, prompt_tokens: int, shape: ModelShape | None = None) -> StepOptions:
+    """The ``StepOptions`` of a train (or bench) config on this device (``shape`` decides
+    whether the training pass is compiled; without it, as compiled)."""
     from .rollout import compiled_decode_default
 
     layers, rank = _lora_layout(config)
+    compile = bool(getattr(config, "compile", True))
     return StepOptions.from_config(
         config,
         prompt_tokens,
         lora_layers=layers,
         lora_rank=rank,
-        compiled_decode=bool(getattr(config, "compile", True)) and compiled_decode_default(),
+        compiled_decode=compile and compiled_decode_default(),
+        compiled_training=compile and (shape is None or compiles_training_pass(shape)),
     )
 
 
@@ -605,7 +662,8 @@ def preflight(config, system_prompt: str) -> MemoryEstimate | None:
     shape = model_shape(config.model)
     if shape is None:
         return None
-    estimate = estimate_step(shape, step_options(config, prompt_tokens_estimate(system_prompt)))
+    options = step_options(config, prompt_tokens_estimate(system_prompt), shape)
+    estimate = estimate_step(shape, options)
     limit, name = memory_limit(config)
     if limit is not None:
         # The estimate is an estimate: where the config has the switch, name the way past it.

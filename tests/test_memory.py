@@ -263,7 +263,8 @@ def tiny_estimate(model_dir, **changes):
         **changes,
     )
     prompt = prompt_tokens_estimate(load_system_prompt())
-    return estimate_step(ModelShape.from_folder(model_dir), step_options(config, prompt))
+    shape = ModelShape.from_folder(model_dir)
+    return estimate_step(shape, step_options(config, prompt, shape))
 
 
 def test_train_refuses_before_creating_the_run_folder(tiny_model_dir, tmp_path):
@@ -344,11 +345,10 @@ def test_the_estimate_is_near_a_measured_peak():
         micro_batch_size=4,
         lora_layers=-1,
         compiled_decode=True,
+        compiled_training=memory.compiles_training_pass(ModelShape.from_model(model)),
     )
     estimate = estimate_step(ModelShape.from_model(model), options)
     measured = measured_training_peak(model, options)
-    # What the estimate leaves out is bounded by memory.left_out_bytes; what it models may be
-    # off by ESTIMATE_TOLERANCE either way.
-    slack = memory.left_out_bytes(ModelShape.from_model(model), options)
-    assert measured <= estimate.training * memory.ESTIMATE_TOLERANCE + slack
-    assert measured >= estimate.training / memory.ESTIMATE_TOLERANCE - slack
+    # The bounds come from what the estimate leaves out or takes at its most (training_bounds).
+    low, high = memory.training_bounds(estimate)
+    assert low <= measured <= high
