@@ -68,7 +68,9 @@ class RunConfig:
     adapter_path: str | None = _opt(None, "Start from these LoRA adapters (an earlier run).")
     steps: int = _opt(300, "Optimisation steps.", at_least=1)
     batch_size: int = _opt(2, "Prompts per step.", at_least=1)
-    max_completion_tokens: int = _opt(256, "Completion length limit in tokens.", at_least=1)
+    # Qwen2.5's GSM8K answers run ~270 tokens (57% would be cut at 256); 512 fits most, and a
+    # 3B bfloat16 step with 2 completions per micro-batch stays near 11 GB (docs/performance.md).
+    max_completion_tokens: int = _opt(512, "Completion length limit in tokens.", at_least=1)
     learning_rate: float = _opt(1e-5, "Peak AdamW learning rate.", above=0)
     warmup_steps: int = _opt(10, "Linear warm-up steps before the cosine decay.", at_least=0)
     min_lr_ratio: float = _opt(
@@ -168,7 +170,7 @@ class TrainConfig(RunConfig):
     scale_rewards: bool = _opt(True, "Divide advantages by the group's reward std.")
     num_iterations: int = _opt(1, "Updates per batch of rollouts (mu).", at_least=1)
     micro_batch_size: int = _opt(
-        4, "Completions per forward/backward pass (memory bound).", at_least=1
+        2, "Completions per forward/backward pass (memory bound).", at_least=1
     )
     reward: tuple[str, ...] = _opt(
         (), "Reward NAME[:WEIGHT]; repeatable. Default: the five GSM8K rewards."
@@ -224,7 +226,9 @@ class EvalConfig:
     answer_field: str = _opt("answer", "Field holding the gold answer ('… #### 42' is parsed).")
     system_prompt: str = _opt("reasoning", "Built-in prompt name (prompts/NAME.txt) or a file.")
     limit: int | None = _opt(None, "Evaluate only the first N questions.", at_least=1)
-    max_completion_tokens: int = _opt(256, "Completion length limit in tokens.", at_least=1)
+    # Qwen2.5's GSM8K answers run ~270 tokens (57% would be cut at 256); 512 fits most, and a
+    # 3B bfloat16 step with 2 completions per micro-batch stays near 11 GB (docs/performance.md).
+    max_completion_tokens: int = _opt(512, "Completion length limit in tokens.", at_least=1)
     samples: int = _opt(
         1, "Completions per question: 1 is greedy; K > 1 samples for pass@K.", at_least=1
     )
