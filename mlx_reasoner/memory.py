@@ -9,10 +9,12 @@ A step has two phases, and its peak is the larger of them:
   AdamW moments, the activations every adapted block keeps for the backward pass, and the
   float32 logits of the vocabulary projection with their gradients (``loss``).
 
-Everything is arithmetic on the shape. The per-token constants below were measured with
-``mx.get_peak_memory`` at the Qwen2.5-3B width in bfloat16 over 1, 2 and 4 blocks and checked
-at the full 36 (``scripts/memory_3b.py``; figures in docs/performance.md, "Memory at the 3B
-shape"). Small arrays (token ids, masks, per-token log-probs, a block's transient scratch) are
+Everything is arithmetic on the shape. The constants below come from ``mx.get_peak_memory`` at
+the Qwen2.5-3B width in bfloat16: the per-token ones from a full-depth (36-block) micro-batch,
+the logits' from runs over 1, 2 and 4 blocks and from the loss's chunk measurements
+(``scripts/memory_3b.py``; figures in docs/performance.md, "Memory at the 3B shape"). The
+reference pass (beta > 0) runs forward only and stays under the training pass, so beta does not
+enter. Small arrays (token ids, masks, per-token log-probs, a block's transient scratch) are
 left out; ``training_bounds`` says how far a measured peak may fall from the estimate.
 """
 
@@ -54,10 +56,11 @@ CHECKPOINT_WORKING_BLOCKS = 1.5
 # mx.checkpoint (loss.logits_chunk). Run plainly, a few copies of one chunk stay alive plus a
 # fraction of the whole micro-batch's worth (fitted to the loss's own chunk measurements at the
 # real vocabulary); inside a compiled step MLX keeps 2.4 to 5.3 copies of the whole micro-batch's
-# worth, depending on how it orders the chunks, and the estimate takes the most measured.
+# worth, depending on how it orders the chunks (5.3 with one row or one stream), and 6.1 when
+# the depth-4 run's excess over the estimate is put down to them: the estimate takes that.
 LOGIT_CHUNK_COPIES = 4.0
 LOGIT_WHOLE_COPIES = 0.65
-LOGIT_COPIES_COMPILED = 5.3
+LOGIT_COPIES_COMPILED = 6.1
 LOGIT_COPIES_LEAST = 1.0  # the fewest measured, in copies of the whole micro-batch's worth
 # The rollout: the two sets of buffers, plus a third while both grow by a block of columns.
 DECODE_KV_SETS = 3.0

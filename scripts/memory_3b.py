@@ -9,10 +9,10 @@ own code: ``generate_groups`` for the rollout, ``policy_update`` (reference pass
 AdamW) for the training pass. ``mx.get_peak_memory`` is read per phase and set beside
 ``memory.estimate_step`` for the same shape and options.
 
-    python scripts/memory_3b.py                       # depths 1, 2, 4: both phases
-    python scripts/memory_3b.py --depths 36 --phases train --micro-batch-size 1 \
-        --max-completion-tokens 128 --beta 0      # the full-depth check
-    python scripts/memory_3b.py --estimate-only       # the 3B table, nothing run
+    python scripts/memory_3b.py --depths 1 2 4 --phases train      # the default micro-batch
+    python scripts/memory_3b.py --depths 36 --phases train --micro-batch-size 1 --beta 0
+    python scripts/memory_3b.py --depths 2 --phases rollout --rollout-tokens 64
+    python scripts/memory_3b.py --estimate-only       # the full 3B table, nothing run
 
 Memory figures do not depend on what else the machine runs; the times printed do.
 """

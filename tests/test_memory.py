@@ -352,3 +352,26 @@ def test_the_estimate_is_near_a_measured_peak():
     # The bounds come from what the estimate leaves out or takes at its most (training_bounds).
     low, high = memory.training_bounds(estimate)
     assert low <= measured <= high
+
+
+# --- the limit ------------------------------------------------------------------------------
+
+
+def test_the_limit_is_the_option_or_the_device(monkeypatch):
+    assert memory.memory_limit(TrainConfig(memory_limit_gb=3.5)) == (3.5e9, "--memory-limit-gb")
+    ram, what = memory.memory_limit(TrainConfig())
+    assert ram > 1e9 and what == "this machine's RAM"
+
+    # On Metal: the GPU's recommended working set, as mlx-lm's generate uses it.
+    info = {"max_recommended_working_set_size": 11_453_251_584, "memory_size": 17_179_869_184}
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    monkeypatch.setattr(mx, "device_info", lambda: info)
+    assert memory.device_memory() == (11_453_251_584, "the GPU's recommended working set")
+
+
+def test_the_training_pass_is_compiled_as_the_trainer_decides(monkeypatch):
+    # On the CPU only small models' passes are compiled (trainer.compile_training_pass).
+    tiny = dataclasses.replace(QWEN25_3B, num_layers=1, hidden_size=64, vocab_size=512)
+    assert memory.compiles_training_pass(tiny) and not memory.compiles_training_pass(QWEN25_3B)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
+    assert memory.compiles_training_pass(QWEN25_3B)
