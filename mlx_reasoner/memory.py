@@ -54,12 +54,13 @@ CHECKPOINT_WORKING_BLOCKS = 1.5
 # Float32 logits of the vocabulary projection alive at the peak of the training pass (logits,
 # scaled logits, log-sum-exp terms, gradients). The loss projects them in chunks under
 # mx.checkpoint (loss.logits_chunk). Run plainly, a few copies of one chunk stay alive plus a
-# fraction of the whole micro-batch's worth (fitted to the loss's own chunk measurements at the
-# real vocabulary); inside a compiled step MLX keeps 2.4 to 5.3 copies of the whole micro-batch's
-# worth, depending on how it orders the chunks (5.3 with one row or one stream), and 6.1 when
-# the depth-4 run's excess over the estimate is put down to them: the estimate takes that.
+# part of the whole micro-batch's worth (an envelope over the loss's own chunk measurements at
+# the real vocabulary and the depth-4 run); inside a compiled step MLX keeps 2.4 to 5.3 copies
+# of the whole micro-batch's worth, depending on how it orders the chunks (5.3 with one row or
+# one stream), and 6.1 when the compiled depth-4 run's excess over the estimate is put down to
+# them: the estimate takes that.
 LOGIT_CHUNK_COPIES = 4.0
-LOGIT_WHOLE_COPIES = 0.65
+LOGIT_WHOLE_COPIES = 0.8
 LOGIT_COPIES_COMPILED = 6.1
 LOGIT_COPIES_LEAST = 1.0  # the fewest measured, in copies of the whole micro-batch's worth
 # The rollout: the two sets of buffers, plus a third while both grow by a block of columns.
@@ -100,7 +101,7 @@ class ModelShape:
     quant_group_size: int = 64
 
     @classmethod
-    def from_args(cls, args, dtype_bytes: int, quantization: dict | None = None) -> "ModelShape":
+    def from_args(cls, args, dtype_bytes: int, quantization: dict | None = None) -> ModelShape:
         """From an mlx-lm ``ModelArgs`` (or anything with its field names).
 
         Raises:
@@ -136,7 +137,7 @@ class ModelShape:
         )
 
     @classmethod
-    def from_model(cls, model) -> "ModelShape":
+    def from_model(cls, model) -> ModelShape:
         """From a loaded mlx-lm model: its ``args`` and the dtype of its embedding."""
         embed = model.model.embed_tokens
         if hasattr(embed, "scales"):  # quantized: the scales carry the compute dtype
@@ -147,7 +148,7 @@ class ModelShape:
         return cls.from_args(model.args, dtype_bytes, quantization)
 
     @classmethod
-    def from_folder(cls, path: str | Path) -> "ModelShape":
+    def from_folder(cls, path: str | Path) -> ModelShape:
         """From a model folder's ``config.json`` (and its safetensors headers for the dtype,
         which a re-saved config may misstate), without loading any weights.
 
@@ -261,7 +262,7 @@ class StepOptions:
     compiled_training: bool = False  # the training pass under mx.compile (trainer.GradientComputer)
 
     @classmethod
-    def from_config(cls, config, prompt_tokens: int, **overrides) -> "StepOptions":
+    def from_config(cls, config, prompt_tokens: int, **overrides) -> StepOptions:
         """From a ``TrainConfig`` (or a bench config); ``overrides`` replace fields."""
         values = {
             f.name: getattr(config, f.name)
@@ -367,15 +368,13 @@ def attention_scores(shape: ModelShape, options: StepOptions) -> int:
 
 def kv_set_bytes(shape: ModelShape, options: StepOptions) -> int:
     """One set of the rollout's key and value buffers at their widest, every layer and row."""
+    length = options.prompt_tokens + options.max_completion_tokens
     if options.compiled_decode:  # the last column written is prompt + completion - 2
-        columns = _round_up(
-            options.prompt_tokens + options.max_completion_tokens - 1, DECODE_CACHE_MULTIPLE
-        )
+        columns = _round_up(length - 1, DECODE_CACHE_MULTIPLE)
     else:
-        columns = _round_up(options.prompt_tokens + options.max_completion_tokens, MLX_LM_CACHE_STEP)
-    return (
-        shape.num_layers * 2 * options.completions * shape.kv_dim * columns * shape.dtype_bytes
-    )
+        columns = _round_up(length, MLX_LM_CACHE_STEP)
+    rows = options.completions
+    return shape.num_layers * 2 * rows * shape.kv_dim * columns * shape.dtype_bytes
 
 
 def left_out_bytes(shape: ModelShape, options: StepOptions) -> int:
@@ -400,7 +399,7 @@ def logits_bytes(shape: ModelShape, options: StepOptions) -> int:
     return int(LOGIT_CHUNK_COPIES * chunk + LOGIT_WHOLE_COPIES * whole)
 
 
-def training_bounds(estimate: "MemoryEstimate") -> tuple[float, float]:
+def training_bounds(estimate: MemoryEstimate) -> tuple[float, float]:
     """The range a measured training-pass peak should fall in, from what the estimate leaves
     out or takes at its most: the logits may be as few as ``LOGIT_COPIES_LEAST`` copies, the
     activations off by ``ACTIVATION_SPREAD``, and ``left_out_bytes`` may come on top."""
@@ -417,12 +416,10 @@ def training_bounds(estimate: "MemoryEstimate") -> tuple[float, float]:
 def block_activation_bytes(shape: ModelShape, options: StepOptions) -> int:
     """What one adapted block keeps for the backward pass of a micro-batch."""
     per_token = (
-        SAVED_HIDDEN_PER_TOKEN * shape.hidden_size
-        + SAVED_MLP_PER_TOKEN * shape.intermediate_size
+        SAVED_HIDDEN_PER_TOKEN * shape.hidden_size + SAVED_MLP_PER_TOKEN * shape.intermediate_size
     ) * shape.dtype_bytes
     return int(
-        per_token * training_tokens(options)
-        + SAVED_SCORE_BYTES * attention_scores(shape, options)
+        per_token * training_tokens(options) + SAVED_SCORE_BYTES * attention_scores(shape, options)
     )
 
 

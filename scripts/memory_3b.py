@@ -17,8 +17,6 @@ AdamW) for the training pass. ``mx.get_peak_memory`` is read per phase and set b
 Memory figures do not depend on what else the machine runs; the times printed do.
 """
 
-from __future__ import annotations
-
 import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
 
 import argparse
@@ -231,6 +229,7 @@ def print_3b_table(options) -> None:
             f"adapters {s['adapters']:.2f} (rollout {s['rollout']:.2f}, "
             f"training {s['training']:.2f})"
         )
+
 
 if __name__ == "__main__":
     sys.exit(main())
