@@ -68,8 +68,7 @@ class RunConfig:
     adapter_path: str | None = _opt(None, "Start from these LoRA adapters (an earlier run).")
     steps: int = _opt(300, "Optimisation steps.", at_least=1)
     batch_size: int = _opt(2, "Prompts per step.", at_least=1)
-    # Qwen2.5's GSM8K answers run ~270 tokens (57% would be cut at 256); 512 fits most, and a
-    # 3B bfloat16 step with 2 completions per micro-batch stays near 11 GB (docs/performance.md).
+    # Qwen2.5's GSM8K answers run ~270 tokens (57% would be cut at 256); 512 fits most.
     max_completion_tokens: int = _opt(512, "Completion length limit in tokens.", at_least=1)
     learning_rate: float = _opt(1e-5, "Peak AdamW learning rate.", above=0)
     warmup_steps: int = _opt(10, "Linear warm-up steps before the cosine decay.", at_least=0)
@@ -169,8 +168,15 @@ class TrainConfig(RunConfig):
     loss_type: str = _opt("grpo", "Loss aggregation.", choices=LOSS_TYPES)
     scale_rewards: bool = _opt(True, "Divide advantages by the group's reward std.")
     num_iterations: int = _opt(1, "Updates per batch of rollouts (mu).", at_least=1)
+    # One completion per pass keeps a 3B bfloat16 step with 512-token completions near 10 GB on
+    # a Mac (two: about 14 GB); with memory to spare, 2 or 4 run faster (docs/performance.md).
     micro_batch_size: int = _opt(
-        2, "Completions per forward/backward pass (memory bound).", at_least=1
+        1, "Completions per forward/backward pass (memory bound).", at_least=1
+    )
+    memory_check: bool = _opt(
+        True,
+        "Refuse a run whose estimated peak memory is over --memory-limit-gb or the device's "
+        "memory, before anything is loaded.",
     )
     reward: tuple[str, ...] = _opt(
         (), "Reward NAME[:WEIGHT]; repeatable. Default: the five GSM8K rewards."
@@ -226,8 +232,7 @@ class EvalConfig:
     answer_field: str = _opt("answer", "Field holding the gold answer ('… #### 42' is parsed).")
     system_prompt: str = _opt("reasoning", "Built-in prompt name (prompts/NAME.txt) or a file.")
     limit: int | None = _opt(None, "Evaluate only the first N questions.", at_least=1)
-    # Qwen2.5's GSM8K answers run ~270 tokens (57% would be cut at 256); 512 fits most, and a
-    # 3B bfloat16 step with 2 completions per micro-batch stays near 11 GB (docs/performance.md).
+    # Qwen2.5's GSM8K answers run ~270 tokens (57% would be cut at 256); 512 fits most.
     max_completion_tokens: int = _opt(512, "Completion length limit in tokens.", at_least=1)
     samples: int = _opt(
         1, "Completions per question: 1 is greedy; K > 1 samples for pass@K.", at_least=1
