@@ -274,7 +274,15 @@ def test_train_refuses_before_creating_the_run_folder(tiny_model_dir, tmp_path):
     limit_gb = (needed.peak + fits.peak) / 2 / GB
     assert fits.peak < limit_gb * GB < needed.peak
     result = CliRunner().invoke(
-        main, train_args(tiny_model_dir, run_dir, "--memory-limit-gb", f"{limit_gb:.9f}")
+        main,
+        train_args(
+            tiny_model_dir,
+            run_dir,
+            "--micro-batch-size",
+            "4",
+            "--memory-limit-gb",
+            f"{limit_gb:.9f}",
+        ),
     )
     assert result.exit_code == 1
     assert "over the" in result.output and "(--memory-limit-gb)" in result.output
@@ -375,3 +383,11 @@ def test_the_training_pass_is_compiled_as_the_trainer_decides(monkeypatch):
     assert memory.compiles_training_pass(tiny) and not memory.compiles_training_pass(QWEN25_3B)
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
     assert memory.compiles_training_pass(QWEN25_3B)
+
+
+def test_no_memory_check_skips_the_refusal_and_the_refusal_names_it(tiny_model_dir):
+    config = TrainConfig(model=str(tiny_model_dir), memory_limit_gb=0.0001)
+    with pytest.raises(ReasonerError, match="--no-memory-check runs it anyway"):
+        memory.preflight(config, "")
+    config.memory_check = False
+    assert memory.preflight(config, "") is None
