@@ -187,7 +187,9 @@ def reference_policy(
 
     def frozen(m: nn.Module) -> nn.Module:
         name = names[id(m)]
-        return _StartingLoRA(m, starting_adapters[f"{name}.lora_a"], starting_adapters[f"{name}.lora_b"])
+        return _StartingLoRA(
+            m, starting_adapters[f"{name}.lora_a"], starting_adapters[f"{name}.lora_b"]
+        )
 
     return modules_replaced(model, lambda m: isinstance(m, LoRALinear), frozen)
 

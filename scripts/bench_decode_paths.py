@@ -1,14 +1,29 @@
-"""Rollouts with the fused / module decode step and 1 / 2 OpenBLAS threads, in turns. Usage: python scripts/bench_decode_paths.py MODEL_DIR ROWS TOKENS ROUNDS"""
+"""Rollouts with the fused / module decode step and 1 / 2 OpenBLAS threads, in turns.
 
-import mlx_reasoner, os, sys, time, ctypes, numpy as np, mlx.core as mx, mlx_lm
-from pathlib import Path
+Usage: python scripts/bench_decode_paths.py MODEL_DIR ROWS TOKENS ROUNDS
+"""
+
+import ctypes
+import os
+import sys
+import time
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+
 from mlx_reasoner.blas import blas_info
-from mlx_reasoner.rollout import generate_groups
 from mlx_reasoner.model import attach_lora, lora_config
+from mlx_reasoner.rollout import generate_groups
+
 lib = ctypes.CDLL(blas_info().path)
 path, rows, tokens, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-model, tok = mlx_lm.load(path); attach_lora(model, lora_config(-1, 8)); mx.eval(model.parameters())
+model, tok = mlx_lm.load(path)
+attach_lora(model, lora_config(-1, 8))
+mx.eval(model.parameters())
 prompt = [int(t) for t in np.random.default_rng(0).integers(100, 5000, 110)]
+
+
 def roll(fused, threads):
     os.environ["MLX_REASONER_FUSED_DECODE"] = "1" if fused else "0"
     lib.openblas_set_num_threads(threads)
@@ -17,12 +32,23 @@ def roll(fused, threads):
     dt = time.perf_counter() - t
     lib.openblas_set_num_threads(1)
     return dt, r.decoder
+
+
 settings = [(True, 1), (False, 1), (True, 2), (False, 2)]
-for s in settings: roll(*s)  # warm / compile
+for s in settings:
+    roll(*s)  # warm / compile
 res = {s: [] for s in settings}
 for _ in range(rounds):
     for s in settings:
-        dt, dec = roll(*s); res[s].append(dt)
+        dt, dec = roll(*s)
+        res[s].append(dt)
 base = np.array(res[(True, 1)])
 for s in settings:
-    a = np.array(res[s]); print(s, f"median {np.median(a)*1e3:.0f} ms", "ratio to fused/1 thread per round", np.round(a/base, 2).tolist(), flush=True)
+    a = np.array(res[s])
+    print(
+        s,
+        f"median {np.median(a)*1e3:.0f} ms",
+        "ratio to fused/1 thread per round",
+        np.round(a / base, 2).tolist(),
+        flush=True,
+    )

@@ -48,8 +48,9 @@ def test_starting_adapters_of_another_layout_are_refused(tiny_model_dir, eval_ad
     model = fresh_model(tiny_model_dir)
     load_adapters(model, str(eval_adapter))
     starting = {k: v for k, v in adapter_weights(model).items() if ".layers.0." not in k}
-    with pytest.raises(Exception, match="another adapter layout"), reference_policy(
-        model, starting
+    with (
+        pytest.raises(Exception, match="another adapter layout"),
+        reference_policy(model, starting),
     ):
         pass
 
