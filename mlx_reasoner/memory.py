@@ -611,16 +611,11 @@ def _lora_layout(config) -> tuple[int, int]:
 
 
 def compiles_training_pass(shape: ModelShape) -> bool:
-    """Whether ``trainer.GradientComputer`` compiles this model's training pass here (as
-    ``trainer.compile_training_pass`` decides it from the loaded model)."""
-    import mlx.core as mx
+    """Whether ``trainer.GradientComputer`` compiles this model's training pass here (the
+    trainer's own rule, ``trainer.compile_training_pass``, on the shape's parameter count)."""
+    from .trainer import compile_training_pass
 
-    from . import trainer
-
-    limit = getattr(trainer, "COMPILE_MAX_PARAMETERS", None)
-    if limit is None or mx.default_device() != mx.cpu:
-        return True
-    return shape.parameters() < limit
+    return compile_training_pass(shape.parameters())
 
 
 def step_options(config, prompt_tokens: int, shape: ModelShape | None = None) -> StepOptions:

@@ -111,6 +111,11 @@ def attach_lora(model: nn.Module, config: dict) -> int:
     return trainable_parameter_count(model)
 
 
+def parameter_count(model: nn.Module) -> int:
+    """Elements of every array the model holds (a quantized matrix counts as packed)."""
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
 def trainable_parameter_count(model: nn.Module) -> int:
     """How many parameters an optimizer would update (the adapters, or every weight)."""
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
@@ -173,12 +178,8 @@ def reference_policy(
         return adapters_disabled(model)
     from mlx_lm.tuner.lora import LoRALinear
 
-    names = {id(m): name for name, m in model.named_modules()}
-    missing = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, LoRALinear) and f"{name}.lora_a" not in starting_adapters
-    ]
+    names = {id(m): name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    missing = [name for name in names.values() if f"{name}.lora_a" not in starting_adapters]
     if missing:
         raise ReasonerError(
             f"the starting adapters have no weights for {missing[0]} "

@@ -267,7 +267,7 @@ class TrainingRun:
         from .model import adapter_weights
 
         config, path = self.config, self.run_dir / STARTING_ADAPTERS
-        if getattr(config, "kl_reference", "base") == "base":
+        if config.kl_reference == "base":
             return None
         if config.resume:
             return dict(mx.load(str(path))) if path.is_file() else None

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from .advantages import group_advantages, zero_std_fraction
 from .config import TrainConfig
@@ -26,7 +26,7 @@ from .loss import (
     pack_sequences,
     shared_prompts_supported,
 )
-from .model import reference_policy
+from .model import parameter_count, reference_policy
 from .rollout import Rollouts, generate_groups
 
 
@@ -122,7 +122,7 @@ class GradientComputer:
             model,
             loss_config,
             config.temperature,
-            compile=config.compile and compile_training_pass(model),
+            compile=config.compile and compile_training_pass(parameter_count(model)),
             share_prompts=use_shared_prompts(model, config),
         )
 
@@ -155,13 +155,11 @@ class GradientComputer:
 COMPILE_MAX_PARAMETERS = 50_000_000
 
 
-def compile_training_pass(model: nn.Module) -> bool:
-    """Whether the training pass is compiled (``--compile`` permitting): always off the CPU,
-    as mlx-lm's own trainer does; on the CPU for models under ``COMPILE_MAX_PARAMETERS``."""
-    if mx.default_device() != mx.cpu:
-        return True
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
-    return total < COMPILE_MAX_PARAMETERS
+def compile_training_pass(parameters: int) -> bool:
+    """Whether the training pass of a model with this many parameters is compiled
+    (``--compile`` permitting): always off the CPU, as mlx-lm's own trainer does; on the CPU
+    under ``COMPILE_MAX_PARAMETERS``. ``memory`` asks the same from a model's shape."""
+    return mx.default_device() != mx.cpu or parameters < COMPILE_MAX_PARAMETERS
 
 
 @dataclass
