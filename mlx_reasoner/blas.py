@@ -6,6 +6,12 @@ linker's symbol lookup, so MLX's ``cblas_sgemm`` and LAPACK calls then bind to O
 That only works if it happens first: ``mlx_reasoner/__init__.py`` calls :func:`enable_fast_blas`
 before any module imports mlx, and nothing here imports mlx at module level.
 
+The OpenBLAS comes from the ``cmeel-openblas`` wheel and needs ``libgfortran.so.5``. Where the
+system has none, the Fortran runtime shipped inside the ``mlx[cpu]`` wheel stands in: auditwheel
+renamed it (``libgfortran-<hash>.so.5.0.0``), so an in-memory copy whose soname reads
+``libgfortran.so.5`` again is loaded first (see :func:`load_bundled_fortran_runtime`). Nothing is
+written to disk, so concurrent processes cannot trip over each other.
+
 Set ``MLX_REASONER_FAST_BLAS=0`` to keep the reference BLAS. Unless ``OPENBLAS_NUM_THREADS`` is
 set, OpenBLAS gets half the cores (at least one): its threads busy-wait, and with one per core any
 other load on the machine made steps 10-20x slower in our measurements, while one thread per two
@@ -18,7 +24,9 @@ import ctypes
 import dataclasses
 import os
 import statistics
+import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -67,6 +75,7 @@ class BlasInfo:
     reason: str | None = None
     enabled: bool = False
     threads: int | None = None
+    fix: str | None = None
 
     def as_dict(self) -> dict:
         """A JSON-ready dict, for the run's config.json."""
@@ -99,7 +108,9 @@ def enable_fast_blas() -> BlasInfo:
         try:
             _state = _decide()
         except Exception as error:  # an import-time speed-up must never break the import
-            _state = BlasInfo(REFERENCE_NAME, reason=f"fast BLAS setup failed: {error!r}")
+            _state = BlasInfo(
+                REFERENCE_NAME, reason=f"fast BLAS setup failed: {error!r}", fix=_REPORT_FIX
+            )
     return _state
 
 
@@ -115,6 +126,37 @@ def describe() -> str:
         threads = f", OpenBLAS threads: {info.threads}" if info.threads else ""
         return f"BLAS: {info.name}{threads}"
     return f"BLAS: {info.name} (fast BLAS off: {info.reason})"
+
+
+# What the reference BLAS costs, per command, measured on a 2-core x86-64 Linux machine
+# (docs/performance.md, "Fast BLAS on a fresh machine").
+SLOW_BLAS_COST = {
+    "demo": "the demo takes about 9 minutes instead of about 1",
+    "train": "each training step takes several times longer",
+    "sft": "each SFT step takes several times longer",
+    "bench": "its figures are for the slow BLAS, not what a user with fast BLAS sees",
+}
+
+
+def slow_blas_notice(command: str) -> str | None:
+    """What to tell a user before ``command`` runs on the slow reference BLAS, or None.
+
+    Args:
+        command: ``"train"``, ``"sft"``, ``"demo"`` or ``"bench"`` (others get a generic cost).
+
+    Returns:
+        Two lines (what, why, cost; then the fix), or None where the BLAS is fast or not ours
+        to choose (macOS uses Accelerate).
+    """
+    info = blas_info()
+    if info.enabled or not sys.platform.startswith("linux"):
+        return None
+    cost = SLOW_BLAS_COST.get(command, "matrix products run many times slower")
+    fix = info.fix or _PIP_FIX
+    return (
+        f"Slow BLAS: MLX's matrix products use its reference BLAS ({info.reason}); {cost}.\n"
+        f"Fix: {fix}"
+    )
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
@@ -155,7 +197,9 @@ def _decide() -> BlasInfo:
         return BlasInfo(REFERENCE_NAME, reason=f"no fast BLAS loader for {sys.platform}")
     setting = os.environ.get(ENV_VAR, "")
     if setting.strip().lower() in OFF_VALUES:
-        return BlasInfo(REFERENCE_NAME, reason=f"disabled by {ENV_VAR}={setting}")
+        return BlasInfo(
+            REFERENCE_NAME, reason=f"disabled by {ENV_VAR}={setting}", fix=f"unset {ENV_VAR}"
+        )
 
     preloaded = _preloaded_openblas()
     if preloaded is not None:
@@ -170,6 +214,7 @@ def _decide() -> BlasInfo:
         return BlasInfo(
             REFERENCE_NAME,
             reason=f"{MLX_IMPORTED_FIRST}; import mlx_reasoner first or set LD_PRELOAD={hint}",
+            fix="import mlx_reasoner before mlx in your script",
         )
 
     _default_thread_count()
@@ -179,12 +224,44 @@ def _decide() -> BlasInfo:
             failures.append(f"{candidate.label}: {candidate.problem}")
             continue
         try:
-            library = ctypes.CDLL(candidate.target, mode=ctypes.RTLD_GLOBAL)
+            library, label = _load_candidate(candidate)
         except OSError as error:
             failures.append(f"{candidate.label}: {_explain_load_error(error)}")
             continue
-        return _loaded_info(candidate.label, candidate.target, library)
-    return BlasInfo(REFERENCE_NAME, reason="; ".join(dict.fromkeys(failures)))
+        return _loaded_info(label, candidate.target, library)
+    return BlasInfo(
+        REFERENCE_NAME, reason="; ".join(dict.fromkeys(failures)), fix=_fix_for(candidates)
+    )
+
+
+def _load_candidate(candidate: _Candidate) -> tuple[ctypes.CDLL, str]:
+    """Open ``candidate`` globally; if only ``libgfortran.so.5`` is missing, lend it mlx's copy."""
+    try:
+        return ctypes.CDLL(candidate.target, mode=ctypes.RTLD_GLOBAL), candidate.label
+    except OSError as error:
+        if "libgfortran" not in str(error):
+            raise
+        try:
+            load_bundled_fortran_runtime()
+        except (OSError, ValueError) as bundled_error:
+            raise OSError(f"{error}; mlx's bundled Fortran runtime: {bundled_error}") from error
+    library = ctypes.CDLL(candidate.target, mode=ctypes.RTLD_GLOBAL)
+    return library, f"{candidate.label}, Fortran runtime from the mlx wheel"
+
+
+_PIP_FIX = 'pip install --force-reinstall cmeel-openblas "mlx[cpu]"'
+_SYSTEM_FIX = "sudo apt-get install libopenblas0 (or your distribution's OpenBLAS package)"
+_REPORT_FIX = "run with --debug and report the message to mlx-reasoner's issue tracker"
+
+
+def _fix_for(candidates: list[_Candidate]) -> str:
+    """The one command most likely to bring fast BLAS back, given why each candidate failed."""
+    cmeel = next((c for c in candidates if c.label.startswith("cmeel-openblas")), None)
+    if cmeel is None:
+        return "pip install cmeel-openblas"
+    if cmeel.problem is not None and "this CPU lacks" in cmeel.problem:
+        return _SYSTEM_FIX  # the wheel's build cannot run on this CPU; a distribution's can
+    return _PIP_FIX
 
 
 def _candidates() -> list[_Candidate]:
@@ -308,7 +385,151 @@ def _loaded_info(label: str, target: str, library: ctypes.CDLL) -> BlasInfo:
 def _explain_load_error(error: OSError) -> str:
     message = str(error)
     if "libgfortran" in message:
-        return f"{message} (install the system's libgfortran5, e.g. apt-get install libgfortran5)"
+        return f"{message} (reinstall mlx[cpu], or install the system's libgfortran5)"
     if "cannot open shared object file" in message:
         return "not installed (e.g. apt-get install libopenblas0)"
     return message
+
+
+# --- mlx's bundled Fortran runtime under the name OpenBLAS asks for ---------------------------
+
+FORTRAN_SONAME = "libgfortran.so.5"
+_DT_NULL, _DT_NEEDED, _DT_STRTAB, _DT_SONAME = 0, 1, 5, 14
+_PT_LOAD, _PT_DYNAMIC = 1, 2
+
+_bundled_runtime: str | None = None
+
+
+def load_bundled_fortran_runtime() -> str:
+    """Load the ``mlx[cpu]`` wheel's Fortran runtime so that it answers to ``libgfortran.so.5``.
+
+    The dynamic linker satisfies a library's ``NEEDED`` entry with an already loaded library of
+    the same soname. The wheel's copy is renamed, so this loads its own dependencies (renamed
+    ``libquadmath``) by path, then an in-memory copy of it with the soname rewritten. Idempotent.
+
+    Returns:
+        The path of the wheel's runtime that was loaded.
+
+    Raises:
+        OSError: No wheel runtime was found, or the linker refused it.
+        ValueError: The file is not a 64-bit little-endian ELF library with a soname.
+    """
+    global _bundled_runtime
+    if _bundled_runtime is not None:
+        return _bundled_runtime
+    runtime = _wheel_fortran_runtime()
+    data = Path(runtime).read_bytes()
+    for needed in elf_needed(data):  # its renamed siblings, found by path before it needs them
+        sibling = Path(runtime).parent / needed
+        if sibling.is_file():
+            ctypes.CDLL(str(sibling), mode=ctypes.RTLD_GLOBAL)
+    _load_from_memory(with_soname(data, FORTRAN_SONAME), FORTRAN_SONAME)
+    _bundled_runtime = runtime
+    return runtime
+
+
+def _wheel_fortran_runtime() -> str:
+    """Path of ``libgfortran-*.so*`` inside the installed ``mlx-cpu`` distribution."""
+    try:
+        distribution = metadata.distribution("mlx-cpu")
+    except metadata.PackageNotFoundError as error:
+        raise OSError("the mlx-cpu wheel is not installed") from error
+    for file in distribution.files or ():
+        if Path(str(file)).name.startswith("libgfortran"):
+            path = Path(str(distribution.locate_file(file)))
+            if path.is_file():
+                return str(path)
+    raise OSError("the mlx-cpu wheel holds no libgfortran")
+
+
+def _load_from_memory(data: bytes, name: str) -> ctypes.CDLL:
+    """dlopen ``data`` as a library without a file on disk (memfd), else via a private temp file."""
+    if hasattr(os, "memfd_create"):
+        try:
+            descriptor = os.memfd_create(name, os.MFD_CLOEXEC)
+        except OSError:
+            descriptor = None
+        if descriptor is not None:
+            try:
+                os.write(descriptor, data)
+                return ctypes.CDLL(f"/proc/self/fd/{descriptor}", mode=ctypes.RTLD_GLOBAL)
+            finally:
+                os.close(descriptor)  # the mapping keeps the memory alive
+    with tempfile.TemporaryDirectory(prefix="mlx-reasoner-") as folder:
+        path = Path(folder) / name  # private to this process; gone once mapped
+        path.write_bytes(data)
+        return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+
+
+def _dynamic_strings(data: bytes) -> tuple[dict[int, list[int]], int]:
+    """The dynamic section's entries (tag -> values) and the file offset of its string table."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError("not a 64-bit little-endian ELF file")
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    entry_size, count = struct.unpack_from("<HH", data, 0x36)
+    loads, dynamic = [], None
+    for index in range(count):
+        kind, _, offset, vaddr, _, size = struct.unpack_from(
+            "<IIQQQQ", data, phoff + index * entry_size
+        )
+        if kind == _PT_LOAD:
+            loads.append((vaddr, offset, size))
+        elif kind == _PT_DYNAMIC:
+            dynamic = (offset, size)
+    if dynamic is None:
+        raise ValueError("no dynamic section")
+    entries: dict[int, list[int]] = {}
+    for position in range(dynamic[0], dynamic[0] + dynamic[1], 16):
+        tag, value = struct.unpack_from("<qQ", data, position)
+        if tag == _DT_NULL:
+            break
+        entries.setdefault(tag, []).append(value)
+    if _DT_STRTAB not in entries:
+        raise ValueError("no dynamic string table")
+    address = entries[_DT_STRTAB][0]
+    for vaddr, offset, size in loads:
+        if vaddr <= address < vaddr + size:
+            return entries, offset + address - vaddr
+    raise ValueError("the dynamic string table is outside every loaded segment")
+
+
+def _string_at(data: bytes, offset: int) -> str:
+    return data[offset : data.index(b"\0", offset)].decode()
+
+
+def elf_needed(data: bytes) -> list[str]:
+    """The ``NEEDED`` library names of an ELF shared library."""
+    entries, strings = _dynamic_strings(data)
+    return [_string_at(data, strings + value) for value in entries.get(_DT_NEEDED, [])]
+
+
+def elf_soname(data: bytes) -> str:
+    """The soname of an ELF shared library."""
+    entries, strings = _dynamic_strings(data)
+    if _DT_SONAME not in entries:
+        raise ValueError("the library has no soname")
+    return _string_at(data, strings + entries[_DT_SONAME][0])
+
+
+def with_soname(data: bytes, soname: str) -> bytes:
+    """A copy of ``data`` whose soname reads ``soname``, written over the old one in place.
+
+    The new name must not be longer than the old; the leftover bytes become NULs. The old
+    string must not be shared as the tail of another name (the linker may merge suffixes).
+    """
+    entries, strings = _dynamic_strings(data)
+    if _DT_SONAME not in entries:
+        raise ValueError("the library has no soname")
+    start = strings + entries[_DT_SONAME][0]
+    old = _string_at(data, start)
+    new = soname.encode()
+    if len(new) > len(old.encode()):
+        raise ValueError(f"soname {soname!r} is longer than {old!r}")
+    end = start + len(old.encode())
+    for values in entries.values():  # another string pointing inside the old name would change
+        for value in values:
+            if start < strings + value <= end and (strings + value) != start:
+                raise ValueError(f"the soname {old!r} shares its bytes with another name")
+    patched = bytearray(data)
+    patched[start : end + 1] = new + b"\0" * (end + 1 - start - len(new))
+    return bytes(patched)
