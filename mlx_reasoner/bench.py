@@ -60,7 +60,10 @@ class BenchConfig:
     beta: float = _opt(0.04, "KL weight to the base model (adapters off); 0 skips it.", at_least=0)
     lora_rank: int = _opt(8, "LoRA rank.", at_least=1)
     lora_layers: int = _opt(
-        -1, "LoRA on all linear layers of this many top blocks (-1: all).", at_least=-1
+        -1,
+        "LoRA on all linear layers of this many top blocks (-1: all; more than the model has "
+        "is an error, as in train).",
+        at_least=-1,
     )
     temperature: float = _opt(0.9, "Sampling temperature.", above=0)
     compile: bool = _opt(

@@ -19,6 +19,7 @@ else:  # pragma: no cover - Python 3.10
 
 from .errors import ReasonerError
 from .loss import LOSS_TYPES
+from .model import DEFAULT_LORA_LAYERS
 
 KL_REFERENCES = ("start", "base")
 
@@ -80,8 +81,12 @@ class RunConfig:
         1.0, "Clip the global gradient norm to this (0 disables).", at_least=0
     )
     lora_rank: int = _opt(8, "LoRA rank.", at_least=1)
-    lora_layers: int = _opt(
-        16, "LoRA on all linear layers of this many top blocks (-1: all).", at_least=-1
+    lora_layers: int | None = _opt(
+        None,
+        f"LoRA on all linear layers of this many top blocks (-1: all). Default: "
+        f"{DEFAULT_LORA_LAYERS}, or every block of a model with fewer. A number above the "
+        "model's blocks is an error, not quietly lowered.",
+        at_least=-1,
     )
     lora_scale: float = _opt(20.0, "LoRA scale (mlx-lm convention).")
     seed: int = _opt(0, "Random seed (data order, sampling, LoRA init).", at_least=0)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ReasonerError
+from .model import lora_blocks
 
 GB = 1e9
 
@@ -200,14 +201,19 @@ class ModelShape:
         embeddings = self.vocab_size * h * (1 if self.tied_embeddings else 2)
         return self.num_layers * (self.block_matrix_elements() + vectors) + embeddings + h
 
-    def lora_parameters(self, layers: int, rank: int) -> int:
+    def lora_parameters(self, layers: int | None, rank: int) -> int:
         """LoRA parameters on every linear layer of ``layers`` blocks (mlx-lm's default keys)."""
         h, q, i = self.hidden_size, self.num_heads * self.head_dim, self.intermediate_size
         per_block = (h + q) + 2 * (h + self.kv_dim) + (q + h) + 2 * (h + i) + (i + h)
         return self.adapted_blocks(layers) * rank * per_block
 
-    def adapted_blocks(self, lora_layers: int) -> int:
-        return self.num_layers if lora_layers < 0 else min(lora_layers, self.num_layers)
+    def adapted_blocks(self, lora_layers: int | None) -> int:
+        """The blocks ``--lora-layers`` adapts on this shape: ``attach_lora``'s own rule, except
+        that a number above the depth counts as every block (train refuses it before estimating,
+        ``run.check_lora_layers``; scripts/memory_3b.py estimates shallow cuts of a model)."""
+        if lora_layers is not None and lora_layers > self.num_layers:
+            return self.num_layers
+        return lora_blocks(lora_layers, self.num_layers)
 
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2}
@@ -254,7 +260,7 @@ class StepOptions:
     prompt_tokens: int = 200  # the longest prompt of a step, system prompt and template included
     max_completion_tokens: int = 256
     micro_batch_size: int = 4
-    lora_layers: int = 16
+    lora_layers: int | None = None  # --lora-layers; None: the default (model.lora_blocks)
     lora_rank: int = 8
     grad_checkpoint: bool = False
     share_prompts: bool = True

@@ -17,6 +17,8 @@ from .errors import ReasonerError
 
 # Every linear layer of a block; names follow mlx-lm's Llama/Qwen family.
 LORA_SCALE = 20.0
+# mlx-lm's default number of adapted blocks; a shallower model gets all of its blocks.
+DEFAULT_LORA_LAYERS = 16
 
 
 def _looks_local(name: str) -> bool:
@@ -76,9 +78,13 @@ def check_adapter_dir(adapter_path: str) -> Path:
 
 
 def lora_config(
-    num_layers: int, rank: int, scale: float = LORA_SCALE, dropout: float = 0.0
+    num_layers: int | None, rank: int, scale: float = LORA_SCALE, dropout: float = 0.0
 ) -> dict:
-    """The adapter description mlx-lm stores in ``adapter_config.json``."""
+    """The adapter description mlx-lm stores in ``adapter_config.json``.
+
+    ``num_layers`` is ``--lora-layers`` (None: the default, -1: all); ``attach_lora`` replaces
+    it with the number of blocks it adapted, so the saved file holds a count mlx-lm can load.
+    """
     return {
         "fine_tune_type": "lora",
         "num_layers": num_layers,
@@ -86,26 +92,49 @@ def lora_config(
     }
 
 
+def lora_blocks(lora_layers: int | None, model_blocks: int) -> int:
+    """How many top blocks ``--lora-layers`` adapts on a model of ``model_blocks`` blocks.
+
+    None (not given) is mlx-lm's default, capped at the model's depth; -1 is every block. An
+    explicit number above the depth is refused rather than lowered: the run would train other
+    adapters than asked, and -1 already says "all".
+
+    >>> lora_blocks(None, 4), lora_blocks(None, 36), lora_blocks(-1, 36), lora_blocks(8, 36)
+    (4, 16, 36, 8)
+
+    Raises:
+        ReasonerError: ``lora_layers`` is above ``model_blocks``.
+    """
+    if lora_layers is None:
+        return min(DEFAULT_LORA_LAYERS, model_blocks)
+    if lora_layers < 0:
+        return model_blocks
+    if lora_layers > model_blocks:
+        raise ReasonerError(
+            f"--lora-layers {lora_layers} is more than the model's {model_blocks} blocks; use "
+            f"at most {model_blocks}, -1 for all, or leave it out (all blocks, up to "
+            f"{DEFAULT_LORA_LAYERS})"
+        )
+    return lora_layers
+
+
 def attach_lora(model: nn.Module, config: dict) -> int:
     """Freeze the base model and add LoRA to every linear layer of the top blocks.
 
     Args:
         model: an mlx-lm model.
-        config: from ``lora_config``; ``num_layers`` counts blocks from the top (-1: all).
+        config: from ``lora_config``; ``num_layers`` counts blocks from the top (-1: all,
+            None: the default). It is set to the number of blocks adapted.
 
     Returns:
         The number of trainable parameters.
+
+    Raises:
+        ReasonerError: ``num_layers`` is more than the model's blocks (``lora_blocks``).
     """
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    total_layers = len(model.layers)
-    if config["num_layers"] > total_layers:
-        raise ReasonerError(
-            f"--lora-layers {config['num_layers']} is more than the model's {total_layers} "
-            f"blocks; use at most {total_layers} (or -1 for all)"
-        )
-    if config["num_layers"] < 0:
-        config["num_layers"] = total_layers
+    config["num_layers"] = lora_blocks(config["num_layers"], len(model.layers))
     model.freeze()
     linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
     return trainable_parameter_count(model)

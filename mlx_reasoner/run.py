@@ -381,6 +381,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
     system_prompt = load_system_prompt(config.system_prompt)
     if config.adapter_path is not None and not config.resume:
         check_adapter_dir(config.adapter_path)
+    check_lora_layers(config)
     # A GRPO step that cannot fit is refused here, before any folder or model (memory.py).
     preflight(config, system_prompt)
     if config.resume:
@@ -477,6 +478,19 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
         if not started:
             _discard_unstarted_run(run_dir)
     return run_dir
+
+
+def check_lora_layers(config) -> None:
+    """Refuse an explicit ``--lora-layers`` above the model's depth from its config.json, before
+    data or weights are loaded (where the shape cannot be read, ``attach_lora`` refuses it)."""
+    from .memory import model_shape
+    from .model import lora_blocks
+
+    if config.resume or config.adapter_path is not None or not (config.lora_layers or 0) > 0:
+        return  # the saved layout wins, or the default and -1 fit any model
+    shape = model_shape(config.model)
+    if shape is not None:
+        lora_blocks(config.lora_layers, shape.num_layers)
 
 
 def _discard_unstarted_run(run_dir: Path) -> None:
