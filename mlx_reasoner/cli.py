@@ -104,11 +104,14 @@ def show_config(config) -> None:
 
 def run_training_command(cls, run, options, config_file, print_config, debug, next_step):
     """Resolve and check the configuration, then print it or run it and say what comes next."""
+    from .ui import show_slow_blas_notice
+
     with user_errors(debug):
         config = resolve_config(cls, options, config_file).validate()
         if print_config:
             show_config(config)
             return
+        show_slow_blas_notice("sft" if cls is SFTConfig else "train")  # before any loading
         run_dir = run(config)
         click.echo(f"done: adapters in {run_dir} ({next_step.format(run_dir=run_dir)})")
 
@@ -258,8 +261,10 @@ def demo(run_dir, seed, debug):
     strawberry-style before/after panels. Writes summary.json in --run-dir.
     """
     from .demo import run_demo
+    from .ui import show_slow_blas_notice
 
     with user_errors(debug):
+        show_slow_blas_notice("demo")
         run_demo(run_dir, seed)
 
 
@@ -280,9 +285,10 @@ def bench(debug: bool, **options) -> None:
     builds a tiny 2.9M-parameter Qwen2 offline. --output FILE writes the figures as JSON.
     """
     from .bench import BenchConfig, bench_table, run_bench
-    from .ui import console
+    from .ui import console, show_slow_blas_notice
 
     with user_errors(debug):
+        show_slow_blas_notice("bench")
         result = run_bench(BenchConfig(**options), log=console.print)
         console.print(bench_table(result))
         if options["output"]:

@@ -1,8 +1,9 @@
 """Training display: a live rich view in a terminal, one plain line per step otherwise.
 
 This module owns everything the trainer shows the user: the output and error consoles,
-``on_error`` for fatal errors, and ``TrainDisplay`` for the run header, per-step metrics,
-sample completions and log messages. The trainer only hands it dicts; it never formats.
+``on_error`` for fatal errors, the slow-BLAS notice, and ``TrainDisplay`` for the run header,
+per-step metrics, sample completions and log messages. The trainer only hands it dicts; it
+never formats.
 """
 
 from __future__ import annotations
@@ -64,6 +65,24 @@ def on_error(
     if debug and sys.exc_info()[0] is not None:
         target.print_exception()
     raise SystemExit(exit_code)
+
+
+def show_slow_blas_notice(command: str, console: Console | None = None) -> bool:
+    """Before ``command`` does any work, warn in a yellow panel on stderr that MLX runs on the
+    slow reference BLAS, what that costs and the one command that fixes it
+    (``blas.slow_blas_notice``); print nothing where the BLAS is fast.
+
+    Returns:
+        Whether a notice was printed.
+    """
+    from .blas import slow_blas_notice
+
+    notice = slow_blas_notice(command)
+    if notice is None:
+        return False
+    target = console if console is not None else _error_console()
+    target.print(Panel(Text(notice), title="warning", border_style="yellow", style="bold"))
+    return True
 
 
 def format_seconds(seconds: float) -> str:

@@ -164,8 +164,10 @@ def test_the_fuzz_covers_every_kind_of_input():
 
 
 @pytest.mark.parametrize("case", BAD_CASES, ids=lambda c: c[0])
-def test_fuzzed_bad_input_fails_cleanly(tiny_model_dir, tmp_path, case):
+def test_fuzzed_bad_input_fails_cleanly(tiny_model_dir, tmp_path, case, monkeypatch):
     kind, (args, rows, config) = case
+    # Where the BLAS is slow, its notice comes first (tested in test_slow_blas_notice.py).
+    monkeypatch.setattr("mlx_reasoner.ui.show_slow_blas_notice", lambda command: False)
     data = tmp_path / "data.jsonl"
     data.write_text(rows if rows is not None else '{"question": "q", "answer": "1"}\n')
     extra = []
