@@ -214,7 +214,7 @@ def micro_batches(
 def logprobs_no_grad(model: nn.Module, batches: Sequence[PackedBatch], temperature: float):
     out = []
     for batch in batches:
-        logp = mx.stop_gradient(completion_logprobs(model, batch, temperature))
+        logp = completion_logprobs(model, batch, temperature, gradient=False)
         mx.eval(logp)
         out.append(logp)
     return out
