@@ -11,10 +11,4 @@ from mlx_reasoner.blas import enable_fast_blas
 
 enable_fast_blas()
 
-# Then, on MLX's Linux CPU backend, let glibc reuse freed blocks instead of unmapping them
-# (host_memory.py: large arrays otherwise fault in every page at each allocation).
-from mlx_reasoner.host_memory import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()
-
 __version__ = "0.1.0"

@@ -19,7 +19,6 @@ from .checkpoints import JsonlWriter, atomic_write_json, prepare_run_dir, save_a
 from .config import TrainConfig
 from .cpu_math import fast_activations_apply
 from .errors import ReasonerError
-from .host_memory import keep_freed_memory
 from .loss import row_streams
 
 if TYPE_CHECKING:
@@ -40,7 +39,6 @@ def _versions() -> dict[str, str]:
         "device": str(mx.default_device()),
         "blas": blas_info().as_dict(),
         "activations": "fast exp (cpu_math)" if fast_activations_apply() else "mlx-lm",
-        "host_memory": keep_freed_memory(),
         "training_streams": row_streams(),  # loss.completion_logprobs's rows split over these
     }
 

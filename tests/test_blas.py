@@ -232,7 +232,6 @@ def test_openblas_runs_on_mlxs_own_fortran_runtime():
         pytest.skip("cmeel-openblas's build cannot run on this CPU")
     env = {key: value for key, value in os.environ.items() if key not in (ENV_VAR, "LD_PRELOAD")}
     env[ENV_VAR] = "0"  # the import must not load OpenBLAS by itself: the probe does it by hand
-    env["MLX_REASONER_KEEP_MEMORY"] = "0"  # nor import mlx (host_memory does, to ask the device)
     env["OPENBLAS_NUM_THREADS"] = "1"
     done = subprocess.run(
         [sys.executable, "-c", BUNDLED_PROBE], env=env, capture_output=True, text=True, timeout=120
