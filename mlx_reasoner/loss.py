@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cpu_math import exp_polynomial, fast_activations, fast_activations_apply
+from .cpu_math import fast_activations
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 
@@ -339,76 +339,10 @@ def output_head(model: nn.Module) -> tuple[nn.Module, Callable[[mx.array], mx.ar
 
 
 def _chunk_logprobs(head: Callable, temperature: float):
-    """Log-probabilities of one chunk through ``mx.logsumexp``, for autodiff to differentiate
-    (the path for a trainable output head)."""
-
     def fn(hidden: mx.array, targets: mx.array) -> mx.array:
         logits = head(hidden).astype(mx.float32) / temperature  # [B, c, V]
         picked = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return picked - mx.logsumexp(logits, axis=-1)  # [B, c]
-
-    return fn
-
-
-@mx.compile
-def _shifted_exp_polynomial(logits: mx.array, top: mx.array, scale: mx.array) -> mx.array:
-    return exp_polynomial((logits.astype(mx.float32) - top) * scale)
-
-
-@mx.compile
-def _shifted_exp_library(logits: mx.array, top: mx.array, scale: mx.array) -> mx.array:
-    return mx.exp((logits.astype(mx.float32) - top) * scale)
-
-
-@mx.compile
-def _logit_cotangent(exps: mx.array, sums: mx.array, targets: mx.array, scale: mx.array):
-    """``(onehot(target) - softmax) * scale`` from the shifted exponentials and their sums:
-    the gradient of a token's log-probability with respect to the head's output."""
-    probs = exps / sums
-    hit = mx.arange(exps.shape[-1], dtype=targets.dtype) == targets[..., None]
-    return mx.where(hit, 1.0 - probs, -probs) * scale
-
-
-def _head_logprobs(head: Callable, temperature: float, gradient: bool):
-    """One chunk's log-probabilities with the softmax taken once, in a single pass.
-
-    Where ``gradient`` is set, the forward pass also computes each position's gradient with
-    respect to its hidden state (``d logp / d hidden``, one ``[B, c, H]`` product through the
-    head's own vector-Jacobian product), and a custom VJP scales it by the incoming cotangent.
-    Nothing vocabulary-sized outlives the chunk and the logits are never recomputed, where the
-    autodiff path (``_chunk_logprobs`` under ``mx.checkpoint``) runs the head three times and
-    the log-sum-exp twice. Only for a frozen head: its weights get no gradient here. No autodiff
-    passes through the exponential, so on an x86-64 CPU it is ``cpu_math``'s polynomial
-    (about 1 ns an element against 10 for the backend's ``exp``).
-    """
-    shifted_exp = _shifted_exp_polynomial if fast_activations_apply() else _shifted_exp_library
-    scale = mx.array(1.0 / temperature, mx.float32)
-
-    def pieces(hidden: mx.array, targets: mx.array):
-        logits = head(hidden)  # [B, c, V], the model's dtype
-        top = mx.max(logits, axis=-1, keepdims=True).astype(mx.float32)  # [B, c, 1]
-        exps = shifted_exp(logits, top, scale)  # [B, c, V]
-        sums = exps.sum(axis=-1, keepdims=True)  # [B, c, 1]
-        picked = mx.take_along_axis(logits, targets[..., None], axis=-1).astype(mx.float32)
-        logp = ((picked - top) * scale - mx.log(sums))[..., 0]  # [B, c]
-        return logits, exps, sums, logp
-
-    if not gradient:
-        return lambda hidden, targets: pieces(hidden, targets)[3]
-
-    def fn(hidden: mx.array, targets: mx.array) -> mx.array:
-        @mx.custom_function
-        def logprobs(hidden):
-            logits, exps, sums, logp = pieces(hidden, targets)
-            cotangent = _logit_cotangent(exps, sums, targets, scale).astype(logits.dtype)
-            _, (dhidden,) = mx.vjp(lambda h: (head(h),), [hidden], [cotangent])
-            return logp, dhidden  # dhidden: [B, c, H], d logp / d hidden
-
-        @logprobs.vjp
-        def logprobs_vjp(primals, cotangents, outputs):
-            return (cotangents[0][..., None] * outputs[1]).astype(primals[0].dtype)
-
-        return logprobs(hidden)[0]
 
     return fn
 
@@ -440,8 +374,8 @@ def shared_prompts_supported(model: nn.Module, tolerance: float | None = None) -
         packed = pack_sequences([prompts[g] for g in group_of], completions, zeros, pad_multiple=4)
         shared = pack_groups(prompts, group_of, completions, zeros, pad_multiple=4)
         width = packed.targets.shape[1]
-        reference = completion_logprobs(model, packed, gradient=False)
-        candidate = completion_logprobs(model, shared, gradient=False)[:, :width]
+        reference = completion_logprobs(model, packed)
+        candidate = completion_logprobs(model, shared)[:, :width]
         gap = mx.max(mx.abs(reference - candidate) * packed.mask).item()
         if tolerance is None:
             tolerance = layout_tolerance(model.model(mx.array([prompts[1]])).dtype)
@@ -474,15 +408,13 @@ def completion_logprobs(
     batch: PackedBatch,
     temperature: float = 1.0,
     chunk_size: int | None = None,
-    gradient: bool = True,
 ) -> mx.array:
     """Log-probabilities of each completion token, with its prompt in context.
 
-    Only hidden states at completion positions are projected onto the vocabulary, in chunks
-    of ``chunk_size`` positions, so float32 logits for the whole ``[B, T, vocab]`` never
-    exist at once, in the forward or the backward pass: with a frozen head each chunk's
-    gradient is formed in its forward pass (``_head_logprobs``), with a trainable one the
-    chunk is recomputed under ``mx.checkpoint``. On a CPU the rows are split over ``row_streams()`` streams, which
+    Only hidden states at completion positions are projected onto the vocabulary, and
+    that projection runs in chunks of ``chunk_size`` positions under ``mx.checkpoint``,
+    so float32 logits for the whole ``[B, T, vocab]`` never exist at once, in the forward
+    or the backward pass. On a CPU the rows are split over ``row_streams()`` streams, which
     MLX runs on threads of their own (the prompts' pass, shared by all rows, runs first); each
     row's numbers are the same either way.
 
@@ -494,15 +426,12 @@ def completion_logprobs(
         temperature: logits are divided by it, matching the sampling distribution.
         chunk_size: completion positions projected at a time; by default as many as keep
             one chunk's float32 logits, over all rows, under ``LOGITS_CHUNK_BYTES``.
-        gradient: whether the result may be differentiated. ``False`` (the reference and
-            old-policy passes) skips the work only a gradient needs; differentiating such a
-            result gives wrong gradients.
 
     Returns:
         ``[B, T]`` float32 log-probabilities (garbage where ``batch.mask`` is 0).
     """
     head_module, head = output_head(model)
-    trainable_head = bool(nn.utils.tree_flatten(head_module.trainable_parameters()))
+    chunk_fn = _chunk_logprobs(head, temperature)
     if chunk_size is None:
         chunk_size = logits_chunk(len(batch), head_module.weight.shape[0])
 
@@ -510,22 +439,13 @@ def completion_logprobs(
         pieces = []
         for start in range(0, targets.shape[1], chunk_size):
             chunk_targets = targets[:, start : start + chunk_size]
-            chunk_hidden = hidden[:, start : start + chunk_size]
-            if trainable_head and gradient:
-                # Targets are closed over (checkpoint differentiates its inputs); the head's
-                # weights go through nn.utils.checkpoint so that they get their gradients.
-                checkpointed = nn.utils.checkpoint(
-                    head_module, lambda h, t=chunk_targets: chunk_fn(h, t)
-                )
-                pieces.append(checkpointed(chunk_hidden))
-            else:
-                pieces.append(chunk_fn(chunk_hidden, chunk_targets))
+            # Targets are closed over (checkpoint differentiates its inputs); the head's weights
+            # are passed through nn.utils.checkpoint so a trainable head still gets gradients.
+            checkpointed = nn.utils.checkpoint(
+                head_module, lambda h, t=chunk_targets: chunk_fn(h, t)
+            )
+            pieces.append(checkpointed(hidden[:, start : start + chunk_size]))
         return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
-
-    if trainable_head and gradient:
-        chunk_fn = _chunk_logprobs(head, temperature)
-    else:
-        chunk_fn = _head_logprobs(head, temperature, gradient)
 
     with fast_activations(model):
         if batch.shares_prompts:

@@ -214,7 +214,7 @@ def micro_batches(
 def logprobs_no_grad(model: nn.Module, batches: Sequence[PackedBatch], temperature: float):
     out = []
     for batch in batches:
-        logp = completion_logprobs(model, batch, temperature, gradient=False)
+        logp = mx.stop_gradient(completion_logprobs(model, batch, temperature))
         mx.eval(logp)
         out.append(logp)
     return out
