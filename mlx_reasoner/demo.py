@@ -242,6 +242,7 @@ def run_demo(
     from .model import load_adapters, load_model
     from .prompts import load_system_prompt
     from .run import run_train
+    from .blas import slow_blas_notice
     from .tasks import get_task
     from .tiny import build_tiny_model
     from .ui import console as default_console
@@ -252,6 +253,7 @@ def run_demo(
     root = Path(run_dir)
     prepare_demo_dir(root)
     start = time.perf_counter()
+    slow = slow_blas_notice("demo") is not None
     console.print(
         f"[bold]mlx-reasoner demo[/bold]: a tiny model built from scratch learns {recipe.task} "
         f"({get_task(recipe.task.removeprefix('task:')).description}), offline.\n"
@@ -259,6 +261,7 @@ def run_demo(
         "GRPO rewards right answers and so finds out which style pays.\n"
         f"Budget: about {recipe.expected_minutes:g} "
         f"minute{'' if recipe.expected_minutes == 1 else 's'} on 2 CPU cores "
+        f"{'with fast BLAS, far longer on the slow BLAS in use here ' if slow else ''}"
         f"(warm start {recipe.sft_steps} steps, GRPO {recipe.grpo_steps} steps, "
         f"{recipe.eval_limit} held-out questions). Results in {root}/."
     )

@@ -96,3 +96,23 @@ def test_a_real_run_on_the_reference_blas_shows_the_notice_first(tiny_model_dir,
     header = output.index("mlx-reasoner sft")
     assert output.index("Slow BLAS") < header
     assert REFERENCE_NAME in output[header:]  # the header's BLAS line is still there
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["fast", "slow"])
+def test_the_demos_time_budget_says_when_the_blas_is_slow(enabled, monkeypatch, tmp_path):
+    from rich.console import Console
+
+    from mlx_reasoner import demo, tiny
+
+    set_blas(monkeypatch, enabled)
+
+    def stop(*args, **kwargs):
+        raise ReasonerError("stopped by the test")
+
+    monkeypatch.setattr(tiny, "build_tiny_model", stop)  # right after the header
+    console = Console(record=True, width=200)
+    with pytest.raises(ReasonerError, match="stopped by the test"):
+        demo.run_demo(tmp_path / "demo", console=console)
+    header = console.export_text()
+    assert "Budget: about 1 minute on 2 CPU cores" in header
+    assert ("far longer on the slow BLAS" in header) is not enabled
