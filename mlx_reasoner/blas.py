@@ -131,7 +131,7 @@ def describe() -> str:
 # What the reference BLAS costs, per command, measured on a 2-core x86-64 Linux machine
 # (docs/performance.md, "Fast BLAS on a fresh machine").
 SLOW_BLAS_COST = {
-    "demo": "the demo takes about 9 minutes instead of about 1",
+    "demo": "the demo takes about 8 minutes instead of about 1",
     "train": "each training step takes several times longer",
     "sft": "each SFT step takes several times longer",
     "bench": "its figures are for the slow BLAS, not what a user with fast BLAS sees",

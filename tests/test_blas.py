@@ -275,7 +275,7 @@ def test_slow_blas_notice_names_the_cost_and_one_fix(monkeypatch):
     notice = blas.slow_blas_notice("demo")
     what, fix = notice.splitlines()
     assert "reference BLAS" in what and "cmeel-openblas: gone" in what
-    assert "about 9 minutes instead of about 1" in what
+    assert "about 8 minutes instead of about 1" in what
     assert fix == "Fix: pip install it"
     monkeypatch.setattr(blas, "_state", dataclasses.replace(slow, enabled=True))
     assert blas.slow_blas_notice("demo") is None
