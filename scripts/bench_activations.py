@@ -3,6 +3,8 @@
 Usage: python scripts/bench_activations.py real|toy ROUNDS
 """
 
+import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+
 import os
 import sys
 import time

@@ -3,43 +3,19 @@
 Usage: python scripts/bench_compile.py BLOCKS compiled plain [...]
 """
 
+from real_width import grpo_batch, lora_model  # noqa: I001  (first: fast BLAS before mlx)
+
 import sys
 import time
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
-from mlx_lm.models import qwen2
 
-from mlx_reasoner.loss import completion_logprobs, pack_groups
-from mlx_reasoner.model import attach_lora, lora_config
+from mlx_reasoner.loss import completion_logprobs
 
 layers = int(sys.argv[1])
-mx.random.seed(0)
-m = qwen2.Model(
-    qwen2.ModelArgs(
-        model_type="qwen2",
-        hidden_size=896,
-        num_hidden_layers=layers,
-        intermediate_size=4864,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    )
-)
-attach_lora(m, lora_config(-1, 8))
-mx.eval(m.parameters())
-rng = np.random.default_rng(0)
-rows = 8
-batch = pack_groups(
-    [[int(t) for t in rng.integers(0, 1000, 110)]],
-    [0] * rows,
-    [[int(t) for t in rng.integers(0, 1000, 256)] for _ in range(rows)],
-    rng.normal(size=rows),
-)
-w = batch.mask * batch.advantages[:, None]
+m = lora_model(layers)
+batch, w = grpo_batch(110)
 vg = nn.value_and_grad(m, lambda model: (completion_logprobs(model, batch) * w).sum())
 state = [m.state]
 fns = {"compiled": mx.compile(lambda: vg(m), inputs=state, outputs=state), "plain": lambda: vg(m)}

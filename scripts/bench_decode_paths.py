@@ -3,6 +3,8 @@
 Usage: python scripts/bench_decode_paths.py MODEL_DIR ROWS TOKENS ROUNDS
 """
 
+import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+
 import ctypes
 import os
 import sys

@@ -4,6 +4,8 @@ gradient, in turns).
 Usage: python scripts/bench_logsumexp.py V [V ...]
 """
 
+import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+
 import sys
 import time
 

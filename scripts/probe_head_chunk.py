@@ -3,10 +3,11 @@
 Usage: python scripts/probe_head_chunk.py [ROWS] [POSITIONS]   (default 4 32)
 """
 
+import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+
 import sys
 import time
 
-import mlx_reasoner  # noqa: F401  (fast BLAS before mlx)
 import mlx.core as mx
 
 rows, positions = (int(a) for a in (sys.argv[1:3] or (4, 32)))
