@@ -237,12 +237,12 @@ def run_demo(
     """
     from collections import Counter
 
+    from .blas import slow_blas_notice
     from .config import TrainConfig
     from .data import load_examples
     from .model import load_adapters, load_model
     from .prompts import load_system_prompt
     from .run import run_train
-    from .blas import slow_blas_notice
     from .tasks import get_task
     from .tiny import build_tiny_model
     from .ui import console as default_console
