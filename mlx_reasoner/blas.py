@@ -12,6 +12,11 @@ renamed it (``libgfortran-<hash>.so.5.0.0``), so an in-memory copy whose soname 
 ``libgfortran.so.5`` again is loaded first (see :func:`load_bundled_fortran_runtime`). Nothing is
 written to disk, so concurrent processes cannot trip over each other.
 
+``cmeel-openblas`` is built for one CPU target (AVX-512 on x86-64). On other x86-64 CPUs the
+``scipy-openblas32`` wheel (every CPU target, no Fortran runtime needed) is used through a small
+in-memory library that gives its ``scipy_``-prefixed functions the names MLX calls
+(:mod:`mlx_reasoner.blas_alias`). The system's OpenBLAS is the last resort.
+
 Set ``MLX_REASONER_FAST_BLAS=0`` to keep the reference BLAS. Unless ``OPENBLAS_NUM_THREADS`` is
 set, OpenBLAS gets half the cores (at least one): its threads busy-wait, and with one per core any
 other load on the machine made steps 10-20x slower in our measurements, while one thread per two
@@ -89,9 +94,12 @@ class _Candidate:
     label: str
     target: str
     problem: str | None = None
+    prefix: str = ""  # its functions' name prefix: they are aliased to the plain names MLX calls
 
 
 _state: BlasInfo | None = None
+_library: ctypes.CDLL | None = None  # the OpenBLAS loaded, and its functions' name prefix
+_prefix = ""
 
 
 def enable_fast_blas() -> BlasInfo:
@@ -117,6 +125,17 @@ def enable_fast_blas() -> BlasInfo:
 def blas_info() -> BlasInfo:
     """The BLAS decided when ``mlx_reasoner`` was imported (see :func:`enable_fast_blas`)."""
     return enable_fast_blas()
+
+
+def set_threads(count: int) -> bool:
+    """Set the loaded OpenBLAS's thread count for later calls; False where no OpenBLAS is ours."""
+    if _library is None:
+        return False
+    try:
+        getattr(_library, _prefix + "openblas_set_num_threads")(int(count))
+    except AttributeError:
+        return False
+    return True
 
 
 def describe() -> str:
@@ -225,10 +244,10 @@ def _decide() -> BlasInfo:
             continue
         try:
             library, label = _load_candidate(candidate)
-        except OSError as error:
+        except (OSError, ValueError) as error:
             failures.append(f"{candidate.label}: {_explain_load_error(error)}")
             continue
-        return _loaded_info(label, candidate.target, library)
+        return _loaded_info(label, candidate.target, library, candidate.prefix)
     return BlasInfo(
         REFERENCE_NAME, reason="; ".join(dict.fromkeys(failures)), fix=_fix_for(candidates)
     )
@@ -236,6 +255,8 @@ def _decide() -> BlasInfo:
 
 def _load_candidate(candidate: _Candidate) -> tuple[ctypes.CDLL, str]:
     """Open ``candidate`` globally; if only ``libgfortran.so.5`` is missing, lend it mlx's copy."""
+    if candidate.prefix:
+        return _load_aliased(candidate), candidate.label
     try:
         return ctypes.CDLL(candidate.target, mode=ctypes.RTLD_GLOBAL), candidate.label
     except OSError as error:
@@ -249,13 +270,52 @@ def _load_candidate(candidate: _Candidate) -> tuple[ctypes.CDLL, str]:
     return library, f"{candidate.label}, Fortran runtime from the mlx wheel"
 
 
+def _load_aliased(candidate: _Candidate) -> ctypes.CDLL:
+    """Open a prefixed OpenBLAS privately and expose the functions libmlx needs under plain names.
+
+    Raises:
+        OSError: The library or libmlx.so could not be found or loaded.
+        ValueError: libmlx.so could not be read, or the library lacks ``cblas_sgemm``.
+    """
+    from mlx_reasoner import blas_alias
+
+    library = ctypes.CDLL(candidate.target)  # local: only the aliases enter the global scope
+    wanted = blas_alias.undefined_symbols(_libmlx_path())
+    names = [name for name in wanted if hasattr(library, candidate.prefix + name)]
+    if "cblas_sgemm" not in names:
+        raise ValueError(f"{candidate.target} has no {candidate.prefix}cblas_sgemm")
+    alias = _load_from_memory(blas_alias.alias_library(names), "mlx_reasoner_blas_alias.so")
+    slots = (ctypes.c_void_p * len(names)).in_dll(alias, blas_alias.SLOTS_SYMBOL)
+    for index, name in enumerate(names):  # filled before mlx.core is imported, so before any call
+        slots[index] = ctypes.cast(getattr(library, candidate.prefix + name), ctypes.c_void_p).value
+    return library
+
+
+def _libmlx_path() -> Path:
+    """``mlx/lib/libmlx.so`` of the installed mlx, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlx")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "lib" / "libmlx.so"
+        if path.is_file():
+            return path
+    raise OSError("mlx's libmlx.so was not found")
+
+
 _PIP_FIX = 'pip install --force-reinstall cmeel-openblas "mlx[cpu]"'
 _SYSTEM_FIX = "sudo apt-get install libopenblas0 (or your distribution's OpenBLAS package)"
+_NOT_INSTALLED = "not installed"
 _REPORT_FIX = "run with --debug and report the message to mlx-reasoner's issue tracker"
 
 
 def _fix_for(candidates: list[_Candidate]) -> str:
     """The one command most likely to bring fast BLAS back, given why each candidate failed."""
+    scipy = next((c for c in candidates if c.prefix), None)
+    if scipy is not None:  # on x86-64 this wheel runs on every CPU: reinstalling it is the fix
+        if scipy.problem == _NOT_INSTALLED:
+            return "pip install scipy-openblas32"
+        return 'pip install --force-reinstall scipy-openblas32 "mlx[cpu]"'
     cmeel = next((c for c in candidates if c.label.startswith("cmeel-openblas")), None)
     if cmeel is None:
         return "pip install cmeel-openblas"
@@ -265,11 +325,14 @@ def _fix_for(candidates: list[_Candidate]) -> str:
 
 
 def _candidates() -> list[_Candidate]:
-    """The pip wheel ``cmeel-openblas`` first, then the system's OpenBLAS (found by soname)."""
+    """The pip wheels ``cmeel-openblas`` then ``scipy-openblas32``, then the system's OpenBLAS."""
     candidates = []
     cmeel = _cmeel_openblas()
     if cmeel is not None:
         candidates.append(cmeel)
+    scipy = _scipy_openblas()
+    if scipy is not None:
+        candidates.append(scipy)
     candidates.extend(_Candidate("system", soname) for soname in _LIBRARY_NAMES)
     return candidates
 
@@ -287,6 +350,25 @@ def _cmeel_openblas() -> _Candidate | None:
     config_file = lib_dir / "pkgconfig" / "openblas.pc"
     config = config_file.read_text() if config_file.is_file() else ""
     return _Candidate(label, str(library), problem=build_cpu_problem(config, _cpu_flags()))
+
+
+def _scipy_openblas() -> _Candidate | None:
+    """``scipy-openblas32``'s library, on x86-64 only (the alias stubs are x86-64 code)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        distribution = metadata.distribution("scipy-openblas32")
+    except metadata.PackageNotFoundError:
+        return _Candidate("scipy-openblas32", "", problem=_NOT_INSTALLED, prefix="scipy_")
+    label = f"scipy-openblas32 {distribution.version}"
+    for file in distribution.files or ():
+        if Path(str(file)).name.startswith("libscipy_openblas"):
+            path = Path(str(distribution.locate_file(file)))
+            if path.is_file():
+                return _Candidate(label, str(path), prefix="scipy_")
+    return _Candidate(label, "", problem="its library file is missing", prefix="scipy_")
 
 
 def build_cpu_problem(openblas_config: str, cpu_flags: set[str]) -> str | None:
@@ -367,13 +449,16 @@ def _mapped_openblas() -> str | None:
     return None
 
 
-def _loaded_info(label: str, target: str, library: ctypes.CDLL) -> BlasInfo:
+def _loaded_info(label: str, target: str, library: ctypes.CDLL, prefix: str = "") -> BlasInfo:
+    global _library, _prefix
+    _library, _prefix = library, prefix
     version = ""
     try:
-        library.openblas_get_config.restype = ctypes.c_char_p
-        config = library.openblas_get_config().decode(errors="replace").split()
+        get_config = getattr(library, prefix + "openblas_get_config")
+        get_config.restype = ctypes.c_char_p
+        config = get_config().decode(errors="replace").split()
         version = config[1] if len(config) > 1 and config[0] == "OpenBLAS" else ""
-        threads = int(library.openblas_get_num_threads())
+        threads = int(getattr(library, prefix + "openblas_get_num_threads")())
     except AttributeError:  # not OpenBLAS after all, or an old one
         threads = None
     if version and version not in label:

@@ -5,7 +5,6 @@ Usage: python scripts/bench_decode_paths.py MODEL_DIR ROWS TOKENS ROUNDS
 
 import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
 
-import ctypes
 import os
 import sys
 import time
@@ -14,11 +13,10 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 
-from mlx_reasoner.blas import blas_info
+from mlx_reasoner.blas import set_threads
 from mlx_reasoner.model import attach_lora, lora_config
 from mlx_reasoner.rollout import generate_groups
 
-lib = ctypes.CDLL(blas_info().path)
 path, rows, tokens, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model, tok = mlx_lm.load(path)
 attach_lora(model, lora_config(-1, 8))
@@ -28,11 +26,11 @@ prompt = [int(t) for t in np.random.default_rng(0).integers(100, 5000, 110)]
 
 def roll(fused, threads):
     os.environ["MLX_REASONER_FUSED_DECODE"] = "1" if fused else "0"
-    lib.openblas_set_num_threads(threads)
+    set_threads(threads)
     t = time.perf_counter()
     r = generate_groups(model, tok, [prompt], rows, tokens, ignore_eos=True)
     dt = time.perf_counter() - t
-    lib.openblas_set_num_threads(1)
+    set_threads(1)
     return dt, r.decoder
 
 
