@@ -25,6 +25,7 @@ cores lost little on an idle machine.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import dataclasses
 import os
@@ -100,6 +101,7 @@ class _Candidate:
 _state: BlasInfo | None = None
 _library: ctypes.CDLL | None = None  # the OpenBLAS loaded, and its functions' name prefix
 _prefix = ""
+_user_threads = False  # OPENBLAS_NUM_THREADS was set by the user: never vary it
 
 
 def enable_fast_blas() -> BlasInfo:
@@ -205,8 +207,108 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
 
 def _default_thread_count() -> None:
     """Give OpenBLAS half the cores unless the user chose (it reads the variable when loaded)."""
-    if not any(os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")):
+    global _user_threads
+    if any(os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")):
+        _user_threads = True
+    else:
         os.environ["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
+
+
+class DecodeThreads:
+    """Picks OpenBLAS's thread count for a decode by timing its own steps, and keeps checking.
+
+    A decode step is a chain of few-row products that read every weight once: a second thread
+    reads memory faster on an idle machine, but its busy-waiting threads make every step several
+    times slower once another process holds a core. So the decode tries both counts on a few
+    steps each and keeps the faster. The kept count's latest steps are watched all along; the
+    other count is tried again after ``recheck`` steps, cut short as soon as it is clearly slower,
+    and each try that changes nothing doubles the wait before the next.
+
+    Use: ``before_step(i)`` before step ``i`` is queued, ``step_done()`` once a step's tokens are
+    read, ``close()`` at the end (restores the process's count).
+    """
+
+    def __init__(self, counts: tuple[int, int], trial: int = 3, recheck: int = 48):
+        self.counts, self.trial, self.recheck = counts, trial, recheck
+        self.current = self.best = counts[0]
+        # The latest step times at each count (older ones would hide a change in the machine's load).
+        self.seconds = {count: collections.deque(maxlen=2 * trial) for count in counts}
+        self._plan = [c for c in counts for _ in range(trial + 1)]  # counts for the next steps
+        self._last: float | None = None  # None: the next interval holds a switch's pipeline bubble
+        self._wait = recheck
+        self._next_check: int | None = None  # set once the first trials are done
+        self._rechecking = False
+        self._kept = self.best
+
+    def before_step(self, index: int) -> None:
+        if not self._plan:
+            if self._rechecking:
+                self._end_recheck(index)
+            elif self._next_check is None:  # the first trials just ended
+                self._choose()
+                self._next_check = index + self._wait
+            elif index >= self._next_check:
+                other = next(c for c in self.counts if c != self.best)
+                self.seconds[other].clear()
+                self._plan = [other] * (self.trial + 1)
+                self._rechecking, self._kept = True, self.best
+        wanted = self._plan.pop(0) if self._plan else self.best
+        if wanted != self.current:
+            import mlx.core as mx
+
+            mx.synchronize()  # no product in flight while OpenBLAS's count changes
+            set_threads(wanted)
+            self.current, self._last = wanted, None
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            seconds = now - self._last
+            self.seconds[self.current].append(seconds)
+            if not self._rechecking:
+                self._choose()
+            elif seconds > 1.5 * statistics.median(self.seconds[self.best]):
+                self._plan.clear()  # clearly slower: back to the kept count at the next step
+        self._last = now
+
+    def _end_recheck(self, index: int) -> None:
+        self._choose()
+        self._rechecking = False
+        self._wait = self._wait * 2 if self.best == self._kept else self.recheck
+        self._next_check = index + self._wait
+
+    def _choose(self) -> None:
+        timed = {c: statistics.median(s) for c, s in self.seconds.items() if s}
+        if len(timed) == len(self.counts):
+            self.best = min(timed, key=timed.get)
+
+    def close(self) -> None:
+        if self.current != self.counts[0]:
+            import mlx.core as mx
+
+            mx.synchronize()
+            set_threads(self.counts[0])
+            self.current = self.counts[0]
+
+
+# Below this much weight a decode step's products read from cache, and switching counts cost
+# more than a second thread gains: measured 1.2x slower on the 12 MB bench model, 0.72x the time
+# on the 2 GB Qwen2.5-0.5B shape (docs/performance.md, "The decode's OpenBLAS threads").
+DECODE_THREADS_MIN_BYTES = 256 * 2**20
+
+
+def decode_threads(weight_bytes: int) -> DecodeThreads | None:
+    """A :class:`DecodeThreads` for a CPU decode over ``weight_bytes`` of weights, or None where
+    the count is not ours to vary (no OpenBLAS of ours, one core, ``OPENBLAS_NUM_THREADS`` set by
+    the user) or the model is too small to gain (:data:`DECODE_THREADS_MIN_BYTES`)."""
+    info = blas_info()
+    cores = os.cpu_count() or 1
+    if not info.enabled or _library is None or _user_threads or cores < 2 or not info.threads:
+        return None
+    more = min(cores, 2 * info.threads)
+    if more <= info.threads or weight_bytes < DECODE_THREADS_MIN_BYTES:
+        return None
+    return DecodeThreads((info.threads, more))
 
 
 def _decide() -> BlasInfo:

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 import numpy as np
 
+from .blas import decode_threads
 from .cpu_math import (
     fast_activations,
     fast_activations_apply,
@@ -398,14 +400,23 @@ def _decode_compiled(
     if planned is not None:
         plan, params = planned
         step = functools.partial(_DECODERS.fused(entry, model, plan, sampler), params)
-        return (*_decode_loop(step, prompts, caches, group_size, max_tokens, stop, record), "fused")
+        threads = decode_threads(_weight_bytes(model))
+        decoded = _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record, threads)
+        return (*decoded, "fused")
     with lora_as_addmm(model), shared_rope(model), small_weights_transposed(model, rows):
         step = _DECODERS.step(model, sampler)
-        decoded = _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record)
+        threads = decode_threads(_weight_bytes(model))
+        decoded = _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record, threads)
     return (*decoded, "compiled")
 
 
-def _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record):
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(value.nbytes for _, value in tree_flatten(model.parameters()))
+
+
+def _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record, threads=None):
+    """Run ``step`` until every row stops; ``threads`` (a ``blas.DecodeThreads``) sets
+    OpenBLAS's thread count around the steps."""
     sets, write, start = _fixed_buffers(caches, group_size)
     rows = len(prompts) * group_size
     completions = [[] for _ in range(rows)]
@@ -429,25 +440,33 @@ def _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record):
     tokens = mx.array([p[-1] for p in prompts for _ in range(group_size)], dtype=mx.uint32)
     previous = last_prompt_columns(*sets[0], write)  # two sets, used in turn (write_columns)
     pending = None
-    for i in range(max_tokens):
-        if write + i == sets[0][0][0].shape[2]:
-            sets = [tuple(_widen(b, CACHE_MULTIPLE) for b in pair) for pair in sets]
-        # Once the set is replaced by the step's outputs, only the step holds the old buffers,
-        # so slice_update may write into them.
-        tokens, logprobs, keys, values, previous = step(
-            tokens, previous, *sets[i % 2], mx.array(write + i), start
-        )
-        sets[i % 2] = (keys, values)
-        if record is not None:
-            record(logprobs)
-        mx.async_eval(tokens, sets[i % 2], previous)
-        if pending is not None:
+    try:
+        for i in range(max_tokens):
+            if threads is not None:
+                threads.before_step(i)
+            if write + i == sets[0][0][0].shape[2]:
+                sets = [tuple(_widen(b, CACHE_MULTIPLE) for b in pair) for pair in sets]
+            # Once the set is replaced by the step's outputs, only the step holds the old buffers,
+            # so slice_update may write into them.
+            tokens, logprobs, keys, values, previous = step(
+                tokens, previous, *sets[i % 2], mx.array(write + i), start
+            )
+            sets[i % 2] = (keys, values)
+            if record is not None:
+                record(logprobs)
+            mx.async_eval(tokens, sets[i % 2], previous)
+            if pending is not None:
+                take(pending.tolist())
+                if threads is not None:
+                    threads.step_done()
+                if open_rows == 0:
+                    break
+            pending = tokens
+        else:
             take(pending.tolist())
-            if open_rows == 0:
-                break
-        pending = tokens
-    else:
-        take(pending.tolist())
+    finally:
+        if threads is not None:
+            threads.close()
     return completions, reasons
 
 
