@@ -6,11 +6,15 @@ completions sampled for the same prompt.
 
 import numpy as np
 
+# How advantages are scaled, TRL's names: by the group's reward std (GRPO), by the whole step's
+# (more robust when a group's rewards barely differ), or not at all (Dr. GRPO).
+SCALE_REWARDS = ("group", "batch", "none")
+
 
 def group_advantages(
-    rewards: np.ndarray, group_size: int, eps: float = 1e-4, scale: bool = True
+    rewards: np.ndarray, group_size: int, eps: float = 1e-4, scale: str | bool = "group"
 ) -> np.ndarray:
-    """Normalise rewards within each group of ``group_size`` consecutive completions.
+    """Centre rewards within each group of ``group_size`` consecutive completions, then scale.
 
     Args:
         rewards: ``[num_prompts * group_size]`` total reward per completion, grouped
@@ -18,15 +22,22 @@ def group_advantages(
         group_size: completions per prompt (G).
         eps: added to the standard deviation so a group with equal rewards gives zeros,
             not NaN.
-        scale: divide by the group's standard deviation (GRPO). ``False`` only centres the
-            rewards, as Dr. GRPO recommends.
+        scale: ``"group"`` divides by each group's reward std (GRPO), ``"batch"`` by the std of
+            all the step's rewards, ``"none"`` only centres them, as Dr. GRPO recommends
+            (``True``/``False`` stand for ``"group"``/``"none"``).
 
     Returns:
         ``[num_prompts * group_size]`` float32 advantages.
 
     >>> group_advantages(np.array([1.0, 0.0, 0.5]), 3).astype(np.float64).round(2).tolist()
     [1.22, -1.22, 0.0]
+    >>> batch = group_advantages(np.array([1.0, 0.0, 0.5, 3.0, 3.0, 3.0]), 3, scale="batch")
+    >>> batch.astype(np.float64).round(2).tolist()  # std of all six rewards: 1.283
+    [0.39, -0.39, 0.0, 0.0, 0.0, 0.0]
     """
+    scale = {True: "group", False: "none"}.get(scale, scale)
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {', '.join(SCALE_REWARDS)}, got {scale!r}")
     rewards = np.asarray(rewards, dtype=np.float64)
     if rewards.ndim != 1 or rewards.size % group_size != 0:
         raise ValueError(
@@ -37,9 +48,11 @@ def group_advantages(
     centred = grouped - grouped.mean(axis=1, keepdims=True)
     # Equal rewards must give exact zeros; the float mean of [0.1, 0.1, 0.1] is not 0.1.
     centred = np.where(np.ptp(grouped, axis=1, keepdims=True) == 0.0, 0.0, centred)
-    if scale:
-        # Population std (ddof=0): rewards [1, 0, 0.5] give std 0.408.
+    # Population std (ddof=0) in both: rewards [1, 0, 0.5] give std 0.408.
+    if scale == "group":
         centred = centred / (grouped.std(axis=1, keepdims=True) + eps)
+    elif scale == "batch":
+        centred = centred / (grouped.std() + eps)
     return centred.reshape(-1).astype(np.float32)
 
 

@@ -217,6 +217,7 @@ def bench_steps(
             sampler,
             ignore_eos=config.ignore_eos,
             compiled=None if config.compile else False,
+            temperature=config.temperature,  # as train does: keep the sampled log-probs
         )
         mx.clear_cache()  # as train does: the decode's KV caches go back before training
         generated = time.perf_counter()

@@ -231,7 +231,7 @@ class DecodeThreads:
     def __init__(self, counts: tuple[int, int], trial: int = 3, recheck: int = 48):
         self.counts, self.trial, self.recheck = counts, trial, recheck
         self.current = self.best = counts[0]
-        # The latest step times at each count (older ones would hide a change in the machine's load).
+        # The latest step times per count (older ones would hide a change in the machine's load).
         self.seconds = {count: collections.deque(maxlen=2 * trial) for count in counts}
         self._plan = [c for c in counts for _ in range(trial + 1)]  # counts for the next steps
         self._last: float | None = None  # None: the next interval holds a switch's pipeline bubble

@@ -24,7 +24,15 @@ _EHDR_SIZE, _PHDR_SIZE, _SYM_SIZE, _STUB_SIZE = 64, 56, 24, 16
 _EM_X86_64 = 62
 _PT_LOAD, _PT_DYNAMIC, _PT_GNU_STACK = 1, 2, 0x6474E551
 _PF_X, _PF_W, _PF_R = 1, 2, 4
-_DT_NULL, _DT_HASH, _DT_STRTAB, _DT_SYMTAB, _DT_STRSZ, _DT_SYMENT, _DT_SONAME = 0, 4, 5, 6, 10, 11, 14
+_DT_NULL, _DT_HASH, _DT_STRTAB, _DT_SYMTAB, _DT_STRSZ, _DT_SYMENT, _DT_SONAME = (
+    0,
+    4,
+    5,
+    6,
+    10,
+    11,
+    14,
+)
 _STT_OBJECT, _STT_FUNC, _STB_GLOBAL = 1, 2, 1
 _SHT_DYNSYM, _SHN_UNDEF = 11, 0
 _ENDBR64 = b"\xf3\x0f\x1e\xfa"  # a no-op unless the CPU enforces indirect-branch tracking

@@ -26,6 +26,9 @@ def user_errors(debug: bool) -> Iterator[None]:
         on_error("interrupted", debug, exit_code=130)
 
 
+OFF_SUFFIX = "__off"  # the parameter behind a --no-NAME alias of a choice option
+
+
 def config_options(cls):
     """Click options generated from a config dataclass: one field, one ``--flag``, same help."""
 
@@ -54,6 +57,13 @@ def config_options(cls):
                     show_default=f.default is not None,
                     help=help_text,
                 )
+            if "off_flag" in f.metadata:  # e.g. --no-scale-rewards for --scale-rewards none
+                command = click.option(
+                    f"--no-{flag[2:]}",
+                    f"{f.name}{OFF_SUFFIX}",
+                    is_flag=True,
+                    help=f"Same as {flag} {f.metadata['off_flag']}.",
+                )(command)
             command = option(command)
         return command
 
@@ -87,13 +97,27 @@ def resolve_config(cls, options: dict, config_file: str | None):
             {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known}
         )
         values["resume"] = resume
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in options.items():
+        if name.endswith(OFF_SUFFIX):
+            continue
         if name not in values or ctx.get_parameter_source(name) in (
             ParameterSource.COMMANDLINE,
             ParameterSource.ENVIRONMENT,
         ):
             values[name] = value
+    for name in [n for n in options if n.endswith(OFF_SUFFIX) and options[n]]:  # --no-NAME
+        base = name.removesuffix(OFF_SUFFIX)
+        if ctx.get_parameter_source(base) == ParameterSource.COMMANDLINE:
+            raise ReasonerError(
+                f"give either {_dashed(base)} or --no-{_dashed(base)[2:]}, not both"
+            )
+        values[base] = fields[base].metadata["off_flag"]
     return cls(**values)
+
+
+def _dashed(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def show_config(config) -> None:

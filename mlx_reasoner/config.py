@@ -17,8 +17,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from .advantages import SCALE_REWARDS
 from .errors import ReasonerError
-from .loss import LOSS_TYPES
+from .loss import IMPORTANCE_LEVELS, LOSS_TYPES
 from .model import DEFAULT_LORA_LAYERS
 
 KL_REFERENCES = ("start", "base")
@@ -170,8 +171,52 @@ class TrainConfig(RunConfig):
         "--adapter-path adapters, if any), or 'base', the bare base model.",
         choices=KL_REFERENCES,
     )
-    loss_type: str = _opt("grpo", "Loss aggregation.", choices=LOSS_TYPES)
-    scale_rewards: bool = _opt(True, "Divide advantages by the group's reward std.")
+    loss_type: str = _opt(
+        "grpo",
+        "Loss aggregation: grpo (mean per completion, then over completions), bnpo or dapo "
+        "(mean over all the step's tokens; the same here), dr_grpo (sum / completions x "
+        "--max-completion-tokens).",
+        choices=LOSS_TYPES,
+    )
+    scale_rewards: str = _opt(
+        "group",
+        "Divide advantages by the reward std of each group, of the whole batch, or none "
+        "(--no-scale-rewards: none).",
+        choices=SCALE_REWARDS,
+        off_flag="none",
+        legacy={True: "group", False: "none"},
+    )
+    importance_sampling_level: str = _opt(
+        "token",
+        "Importance ratio per token (GRPO) or per completion, the mean of its tokens' (GSPO).",
+        choices=tuple(IMPORTANCE_LEVELS),
+    )
+    mask_truncated: bool = _opt(
+        False,
+        "Leave completions cut at --max-completion-tokens out of the loss (they still count in "
+        "the rewards and logs).",
+    )
+    dynamic_sampling: bool = _opt(
+        False,
+        "Keep generating groups until the step has --batch-size groups whose rewards differ "
+        "(DAPO); equal-reward groups teach nothing.",
+    )
+    max_resample: int = _opt(
+        3, "Extra generation rounds a step may take for --dynamic-sampling.", at_least=0
+    )
+    tis_cap: float | None = _opt(
+        None,
+        "Truncated importance sampling: weight each token's loss by min(p_train / p_decode, "
+        "CAP), correcting for the decode's log-probs differing from the training pass's. "
+        "Off by default.",
+        at_least=1,
+    )
+    overlong_buffer: int | None = _opt(
+        None,
+        "Tokens before --max-completion-tokens over which the 'overlong' reward falls from 0 "
+        "to -1 (DAPO); default: a fifth of --max-completion-tokens.",
+        at_least=1,
+    )
     num_iterations: int = _opt(1, "Updates per batch of rollouts (mu).", at_least=1)
     # One completion per pass keeps a 3B bfloat16 step with 512-token completions near 10 GB on
     # a Mac (two: about 14 GB); with memory to spare, 2 or 4 run faster (docs/performance.md).
@@ -200,6 +245,21 @@ class TrainConfig(RunConfig):
             raise ReasonerError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}")
         if self.kl_reference not in KL_REFERENCES:
             raise ReasonerError(f"--kl-reference must be one of {', '.join(KL_REFERENCES)}")
+        # Runs saved before the three modes stored true/false.
+        self.scale_rewards = {True: "group", False: "none"}.get(
+            self.scale_rewards, self.scale_rewards
+        )
+        for name, choices in (
+            ("scale_rewards", SCALE_REWARDS),
+            ("importance_sampling_level", tuple(IMPORTANCE_LEVELS)),
+        ):
+            if getattr(self, name) not in choices:
+                raise ReasonerError(f"{_flag(name)} must be one of {', '.join(choices)}")
+        if self.overlong_buffer is not None and self.overlong_buffer > self.max_completion_tokens:
+            raise ReasonerError(
+                f"--overlong-buffer ({self.overlong_buffer}) must not exceed "
+                f"--max-completion-tokens ({self.max_completion_tokens})"
+            )
         return super().validate()
 
 
@@ -278,6 +338,9 @@ def coerce_value(cls, name: str, value, source: str):
     kind, optional = field_type(fields[name].type)
     if value is None and optional:
         return None
+    legacy = fields[name].metadata.get("legacy", {})
+    if isinstance(value, bool) and value in legacy:  # an older file's value for this option
+        value = legacy[value]
     wrong = ReasonerError(
         f"{source}: option '{name}' must be {_KIND_NAMES.get(kind, kind.__name__)}, "
         f"got {value!r}"

@@ -3,8 +3,9 @@ score completions into a weighted total plus one logged component per reward.
 
 A reward function is a plain top-level function
 ``fn(completions: list[str], answers: list[str], **kwargs) -> list[float]`` returning one
-finite number per completion. The built-ins live in the ``rewards/gsm8k.py`` file that
-ships with the package; users add their own with ``--reward-file``.
+finite number per completion. The built-ins live in the ``rewards/gsm8k.py`` and
+``rewards/shaping.py`` files that ship with the package; users add their own with
+``--reward-file``.
 """
 
 import importlib.util
@@ -97,8 +98,12 @@ def load_reward_file(path: str | Path) -> dict[str, RewardFn]:
     return functions
 
 
-# The built-ins, in DEFAULT_REWARDS order (the order gsm8k.py defines them).
-REWARDS: dict[str, RewardFn] = load_reward_file(builtin_dir("rewards") / "gsm8k.py")
+# The built-ins: gsm8k.py's in DEFAULT_REWARDS order (the order it defines them), then the
+# shaping rewards, which are used only when named.
+REWARDS: dict[str, RewardFn] = {
+    **load_reward_file(builtin_dir("rewards") / "gsm8k.py"),
+    **load_reward_file(builtin_dir("rewards") / "shaping.py"),
+}
 
 
 @dataclass(frozen=True)

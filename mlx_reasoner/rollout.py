@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .blas import decode_threads
 from .cpu_math import (
@@ -51,6 +51,9 @@ class Rollouts:
     generation_seconds: float = 0.0
     decoder: str = ""  # "fused", "compiled" or "BatchGenerator": which decode ran
     stats: dict = field(default_factory=dict)
+    # Per completion, each token's log-probability under the distribution it was sampled from
+    # (the decode's logits at the sampling temperature); None unless asked for.
+    logprobs: list[list[float]] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -88,6 +91,7 @@ def generate_groups(
     sampler: Callable[[mx.array], mx.array] | None = None,
     ignore_eos: bool = False,
     compiled: bool | None = None,
+    temperature: float | None = None,
 ) -> Rollouts:
     """Sample ``group_size`` completions for every prompt in one batched decode.
 
@@ -101,6 +105,8 @@ def generate_groups(
         ignore_eos: keep going past EOS to ``max_tokens`` (benchmarks).
         compiled: use the compiled fixed-shape decode (True), mlx-lm's ``BatchGenerator``
             (False), or the compiled one where ``compiled_decode_supported`` (None).
+        temperature: when given, keep each sampled token's log-probability at this
+            temperature (``Rollouts.logprobs``), what the sampler drew it from.
 
     Returns:
         ``Rollouts`` with ``len(prompts) * group_size`` completions, grouped by prompt.
@@ -117,8 +123,8 @@ def generate_groups(
                 and compiled_decode_supported(model)
             )
         decode = _decode_compiled if compiled else _decode_batch_generator
-        completion_ids, finish_reasons, decoder = decode(
-            model, prompts, caches, group_size, max_tokens, sampler, stop
+        completion_ids, finish_reasons, decoder, logprobs = decode(
+            model, prompts, caches, group_size, max_tokens, sampler, stop, temperature=temperature
         )
     del caches
     eos = set(eos_ids)
@@ -135,10 +141,46 @@ def generate_groups(
         prompt_tokens=sum(len(p) for p in prompts),
         generation_seconds=time.perf_counter() - start,
         decoder=decoder,
+        logprobs=logprobs,
     )
 
 
-def _decode_batch_generator(model, prompts, caches, group_size, max_tokens, sampler, stop):
+def merge_rollouts(parts: Sequence[Rollouts], rows: Sequence[tuple[int, int]]) -> Rollouts:
+    """One ``Rollouts`` of the completions ``rows`` (``(part, index)`` pairs, whole groups in
+    order) taken from several rollouts of the same group size."""
+    group = parts[0].group_size
+
+    def pick(name):
+        return [getattr(parts[p], name)[i] for p, i in rows]
+
+    logprobs = None if any(p.logprobs is None for p in parts) else pick("logprobs")
+    prompts = {(p, i // group) for p, i in rows}
+    return Rollouts(
+        group_size=group,
+        prompt_ids=pick("prompt_ids"),
+        completion_ids=pick("completion_ids"),
+        finish_reasons=pick("finish_reasons"),
+        texts=pick("texts"),
+        prompt_tokens=sum(len(parts[p].prompt_ids[g * group]) for p, g in prompts),
+        generation_seconds=sum(p.generation_seconds for p in parts),
+        decoder=parts[0].decoder,
+        logprobs=logprobs,
+    )
+
+
+def sampled_logprobs(logprobs: mx.array, tokens: mx.array, temperature: float) -> mx.array:
+    """``[rows]`` log-probability of each sampled token at ``temperature``, from the decode's
+    ``[rows, vocab]`` log-probabilities (at temperature 1)."""
+    chosen = mx.take_along_axis(logprobs, tokens.astype(mx.int32)[:, None], axis=-1)[:, 0]
+    if temperature == 1.0:
+        return chosen.astype(mx.float32)
+    scaled = logprobs.astype(mx.float32) * (1.0 / temperature)
+    return chosen.astype(mx.float32) / temperature - mx.logsumexp(scaled, axis=-1)
+
+
+def _decode_batch_generator(
+    model, prompts, caches, group_size, max_tokens, sampler, stop, temperature=None
+):
     """Decode every completion in one mlx-lm ``BatchGenerator`` batch."""
     from mlx_lm.generate import BatchGenerator
 
@@ -159,15 +201,25 @@ def _decode_batch_generator(model, prompts, caches, group_size, max_tokens, samp
             caches=[cache for cache in caches for _ in range(group_size)],
         )
         tokens = {uid: [] for uid in uids}
+        logprobs = {uid: [] for uid in uids}
         reasons = {}
         while responses := generator.next_generated():
-            for response in responses:
+            if temperature is not None:  # one small evaluation per step, for every row at once
+                chosen = sampled_logprobs(
+                    mx.stack([r.logprobs for r in responses]),
+                    mx.array([r.token for r in responses]),
+                    temperature,
+                ).tolist()
+            for index, response in enumerate(responses):
                 tokens[response.uid].append(response.token)
+                if temperature is not None:
+                    logprobs[response.uid].append(chosen[index])
                 if response.finish_reason is not None:
                     reasons[response.uid] = response.finish_reason
     finally:
         generator.close()
-    return [tokens[uid] for uid in uids], [reasons[uid] for uid in uids], "BatchGenerator"
+    kept = [logprobs[uid] for uid in uids] if temperature is not None else None
+    return [tokens[uid] for uid in uids], [reasons[uid] for uid in uids], "BatchGenerator", kept
 
 
 # --- the compiled decode ---------------------------------------------------------------------
@@ -375,7 +427,16 @@ def _widen(buffers: list[mx.array], columns: int) -> list[mx.array]:
 
 
 def _decode_compiled(
-    model, prompts, caches, group_size, max_tokens, sampler, stop, record=None, fused=None
+    model,
+    prompts,
+    caches,
+    group_size,
+    max_tokens,
+    sampler,
+    stop,
+    record=None,
+    fused=None,
+    temperature=None,
 ):
     """Decode every completion with the compiled fixed-shape step (``_DecoderCache``).
 
@@ -387,9 +448,9 @@ def _decode_compiled(
     rollout (``cpu_math.small_weights_transposed``). The next step is queued before the last
     one's tokens are read, so the device never waits on Python; decoding stops once every row
     has met a stop token or ``max_tokens``. The buffers grow by ``CACHE_MULTIPLE`` columns when
-    full, so a step's shapes change only then. Returns the completions, their finish reasons
-    and which step ran ("fused" or "compiled").
-    ``record``, if given, receives each step's log-probabilities.
+    full, so a step's shapes change only then. Returns the completions, their finish reasons,
+    which step ran ("fused" or "compiled") and, with ``temperature``, the sampled tokens'
+    log-probabilities (else None). ``record``, if given, receives each step's log-probabilities.
     """
     rows = len(prompts) * group_size
     sampler = sampler or _greedy
@@ -401,34 +462,44 @@ def _decode_compiled(
         plan, params = planned
         step = functools.partial(_DECODERS.fused(entry, model, plan, sampler), params)
         threads = decode_threads(_weight_bytes(model))
-        decoded = _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record, threads)
-        return (*decoded, "fused")
+        completions, reasons, logprobs = _decode_loop(
+            step, prompts, caches, group_size, max_tokens, stop, record, threads, temperature
+        )
+        return completions, reasons, "fused", logprobs
     with lora_as_addmm(model), shared_rope(model), small_weights_transposed(model, rows):
         step = _DECODERS.step(model, sampler)
         threads = decode_threads(_weight_bytes(model))
-        decoded = _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record, threads)
-    return (*decoded, "compiled")
+        completions, reasons, logprobs = _decode_loop(
+            step, prompts, caches, group_size, max_tokens, stop, record, threads, temperature
+        )
+    return completions, reasons, "compiled", logprobs
 
 
 def _weight_bytes(model: nn.Module) -> int:
     return sum(value.nbytes for _, value in tree_flatten(model.parameters()))
 
 
-def _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record, threads=None):
+def _decode_loop(
+    step, prompts, caches, group_size, max_tokens, stop, record, threads=None, temperature=None
+):
     """Run ``step`` until every row stops; ``threads`` (a ``blas.DecodeThreads``) sets
-    OpenBLAS's thread count around the steps."""
+    OpenBLAS's thread count around the steps. Returns the completions, their finish reasons
+    and, with ``temperature``, the sampled tokens' log-probabilities (else None)."""
     sets, write, start = _fixed_buffers(caches, group_size)
     rows = len(prompts) * group_size
     completions = [[] for _ in range(rows)]
+    logprobs_kept = [[] for _ in range(rows)]
     reasons: list[str | None] = [None] * rows
     open_rows = rows
 
-    def take(tokens: list[int]) -> None:
+    def take(tokens: list[int], chosen: list[float] | None) -> None:
         nonlocal open_rows
         for r, token in enumerate(tokens):
             if reasons[r] is not None:
                 continue
             completions[r].append(token)
+            if chosen is not None:
+                logprobs_kept[r].append(chosen[r])
             if token in stop:
                 reasons[r] = "stop"
             elif len(completions[r]) >= max_tokens:
@@ -454,20 +525,23 @@ def _decode_loop(step, prompts, caches, group_size, max_tokens, stop, record, th
             sets[i % 2] = (keys, values)
             if record is not None:
                 record(logprobs)
-            mx.async_eval(tokens, sets[i % 2], previous)
+            chosen = (
+                None if temperature is None else sampled_logprobs(logprobs, tokens, temperature)
+            )
+            mx.async_eval(tokens, sets[i % 2], previous, *([] if chosen is None else [chosen]))
             if pending is not None:
-                take(pending.tolist())
+                take(pending[0].tolist(), None if pending[1] is None else pending[1].tolist())
                 if threads is not None:
                     threads.step_done()
                 if open_rows == 0:
                     break
-            pending = tokens
+            pending = (tokens, chosen)
         else:
-            take(pending.tolist())
+            take(pending[0].tolist(), None if pending[1] is None else pending[1].tolist())
     finally:
         if threads is not None:
             threads.close()
-    return completions, reasons
+    return completions, reasons, (logprobs_kept if temperature is not None else None)
 
 
 def compiled_decode_default() -> bool:
@@ -511,7 +585,7 @@ def _check_fixed_decode(model: nn.Module, fused: bool) -> bool:
     caches = [prefill_prompt(model, p) for p in prompts]
     logprobs = []  # from the compiled step, so a backend that cannot compile it fails here
     try:
-        completions, _, _ = _decode_compiled(
+        completions, *_ = _decode_compiled(
             model, prompts, caches, 1, 3, None, frozenset(), record=logprobs.append, fused=fused
         )
     except Exception:

@@ -4,6 +4,7 @@ One step: sample a batch of prompts, generate a group of completions for each, s
 them, turn the scores into group-relative advantages, and update the LoRA adapters.
 """
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from .loss import (
     shared_prompts_supported,
 )
 from .model import parameter_count, reference_policy
-from .rollout import Rollouts, generate_groups
+from .rollout import Rollouts, generate_groups, merge_rollouts
 
 
 def make_optimizer(config, updates_per_step: int = 1) -> optim.Optimizer:
@@ -103,6 +104,7 @@ class GradientComputer:
                 batch.mask,
                 loss_config,
                 norm,
+                inputs.get("rollout_logp"),
             )
 
         value_and_grad = nn.value_and_grad(model, loss_fn)
@@ -117,7 +119,14 @@ class GradientComputer:
     @classmethod
     def for_config(cls, model: nn.Module, config: TrainConfig) -> "GradientComputer":
         """The computer ``config`` asks for: its loss, temperature, compilation and layout."""
-        loss_config = LossConfig(config.epsilon, config.epsilon_high, config.beta, config.loss_type)
+        loss_config = LossConfig(
+            config.epsilon,
+            config.epsilon_high,
+            config.beta,
+            config.loss_type,
+            config.importance_sampling_level,
+            config.tis_cap,
+        )
         return cls(
             model,
             loss_config,
@@ -126,7 +135,9 @@ class GradientComputer:
             share_prompts=use_shared_prompts(model, config),
         )
 
-    def __call__(self, batch: PackedBatch, norm: Normalizer, old_logp=None, ref_logp=None):
+    def __call__(
+        self, batch: PackedBatch, norm: Normalizer, old_logp=None, ref_logp=None, rollout_logp=None
+    ):
         inputs = {
             "tokens": batch.tokens,
             "positions": batch.positions,
@@ -146,6 +157,8 @@ class GradientComputer:
             inputs["old_logp"] = old_logp
         if ref_logp is not None:
             inputs["ref_logp"] = ref_logp
+        if rollout_logp is not None:
+            inputs["rollout_logp"] = rollout_logp
         return self._step(inputs)
 
 
@@ -169,6 +182,9 @@ class UpdateStats:
     clip_fraction: float
     grad_norm: float
     skipped: bool = False
+    entropy: float = float("nan")  # mean surprisal of the sampled tokens (estimates entropy)
+    mismatch_abs: float | None = None  # mean |training-pass - decode| log-prob, per token
+    mismatch_kl: float | None = None  # k3 KL(decode || training pass), per token
 
 
 def use_shared_prompts(model: nn.Module, config) -> bool:
@@ -183,12 +199,18 @@ def use_shared_prompts(model: nn.Module, config) -> bool:
 
 
 def micro_batches(
-    rollouts: Rollouts, advantages: np.ndarray, size: int, share_prompts: bool = False
+    rollouts: Rollouts,
+    advantages: np.ndarray,
+    size: int,
+    share_prompts: bool = False,
+    in_loss: Sequence[bool] | None = None,
 ) -> list[PackedBatch]:
     """Pack the step's completions into micro-batches of ``size``, each padded tightly.
 
     With ``share_prompts``, each micro-batch holds every prompt its completions continue once
     (``pack_groups``); otherwise each completion carries its own copy (``pack_sequences``).
+    ``in_loss``: per completion, whether its tokens count in the loss (``--mask-truncated``
+    leaves the cut ones out); default all.
     """
     batches = []
     for start in range(0, len(rollouts), size):
@@ -202,13 +224,32 @@ def micro_batches(
                 rollouts.prompt_ids[(first + g) * rollouts.group_size]
                 for g in range(group_of[-1] + 1)
             ]
-            batches.append(
-                pack_groups(prompts, group_of, completions, advantages[rows.start : rows.stop])
-            )
+            batch = pack_groups(prompts, group_of, completions, advantages[rows.start : rows.stop])
         else:
             prompts = [rollouts.prompt_ids[i] for i in rows]
-            batches.append(pack_sequences(prompts, completions, advantages[rows.start : rows.stop]))
+            batch = pack_sequences(prompts, completions, advantages[rows.start : rows.stop])
+        if in_loss is not None and not all(in_loss[i] for i in rows):
+            keep = mx.array([float(in_loss[i]) for i in rows])[:, None]  # [B, 1]
+            batch.mask = batch.mask * keep
+        batches.append(batch)
     return batches
+
+
+def rollout_logprobs(rollouts: Rollouts, batches: Sequence[PackedBatch]) -> list:
+    """The decode's log-probs laid out like each micro-batch's targets ([B, T], zero padded),
+    or Nones where the rollout kept none."""
+    if rollouts.logprobs is None:
+        return [None] * len(batches)
+    out, start = [], 0
+    for batch in batches:
+        rows, width = batch.targets.shape
+        laid = np.zeros((rows, width), dtype=np.float32)
+        for row in range(rows):
+            values = rollouts.logprobs[start + row]
+            laid[row, : len(values)] = values
+        out.append(mx.array(laid))
+        start += rows
+    return out
 
 
 def logprobs_no_grad(model: nn.Module, batches: Sequence[PackedBatch], temperature: float):
@@ -283,12 +324,17 @@ def policy_update(
     ``starting_adapters``) and, for several iterations, the old-policy log-probs are computed
     once, before the first update; gradients accumulate over micro-batches.
     """
+    in_loss = None
+    if getattr(config, "mask_truncated", False):
+        in_loss = [reason != "length" for reason in rollouts.finish_reasons]
     batches = micro_batches(
-        rollouts, advantages, config.micro_batch_size, grad_computer.share_prompts
+        rollouts, advantages, config.micro_batch_size, grad_computer.share_prompts, in_loss
     )
-    norm = Normalizer(
-        len(rollouts), max(rollouts.generated_tokens, 1), config.max_completion_tokens
+    loss_tokens = sum(
+        len(ids) for i, ids in enumerate(rollouts.completion_ids) if in_loss is None or in_loss[i]
     )
+    norm = Normalizer(len(rollouts), max(loss_tokens, 1), config.max_completion_tokens)
+    decoded = rollout_logprobs(rollouts, batches)
     ref = [None] * len(batches)
     if config.beta > 0:
         with reference_policy(model, starting_adapters):
@@ -297,17 +343,18 @@ def policy_update(
     if config.num_iterations > 1:
         old = logprobs_no_grad(model, batches, config.temperature)
 
-    losses, kls, clips, norms = [], [], [], []
+    losses, kls, clips, norms, first = [], [], [], [], {}
     for _ in range(config.num_iterations):
         total_grads, total_loss = None, 0.0
         sums = {"tokens": 0.0, "kl_sum": 0.0, "clip_low": 0.0, "clip_high": 0.0}
-        for batch, ref_logp, old_logp in zip(batches, ref, old):
-            loss, batch_sums, grads = grad_computer(batch, norm, old_logp, ref_logp)
+        for batch, ref_logp, old_logp, decoded_logp in zip(batches, ref, old, decoded):
+            loss, batch_sums, grads = grad_computer(batch, norm, old_logp, ref_logp, decoded_logp)
             total_grads = grads if total_grads is None else tree_map(mx.add, total_grads, grads)
             mx.eval(total_grads, loss, batch_sums)
             total_loss += loss.item()
             for key, value in batch_sums.items():
-                sums[key] += value.item()
+                sums[key] = sums.get(key, 0.0) + value.item()
+        first = first or sums  # entropy and mismatch: of the policy that sampled
         max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         step = optimizer_step(model, optimizer, max_norm, config.compile)
         clipped, grad_norm = step.clip(total_grads)
@@ -322,8 +369,16 @@ def policy_update(
         kls.append(sums["kl_sum"] / tokens)
         clips.append((sums["clip_low"] + sums["clip_high"]) / tokens)
         norms.append(grad_norm)
+    tokens = max(first.get("tokens", 0.0), 1.0)
+    mismatch = "mismatch_abs_sum" in first and first["tokens"] > 0
     return UpdateStats(
-        float(np.mean(losses)), float(np.mean(kls)), float(np.mean(clips)), float(np.mean(norms))
+        float(np.mean(losses)),
+        float(np.mean(kls)),
+        float(np.mean(clips)),
+        float(np.mean(norms)),
+        entropy=first["neg_logp_sum"] / tokens,
+        mismatch_abs=first["mismatch_abs_sum"] / tokens if mismatch else None,
+        mismatch_kl=first["mismatch_kl_sum"] / tokens if mismatch else None,
     )
 
 
@@ -443,6 +498,101 @@ class StepHooks:
         return True
 
 
+def _draw_groups(model, tokenizer, system_prompt, rewards, sampler, config, batch):
+    """Generate and score one group per example of ``batch``; also returns the seconds spent
+    scoring."""
+    from .prompts import encode_prompt
+    from .rewards import score_completions
+
+    prompts = [encode_prompt(tokenizer, system_prompt, ex.question) for ex in batch]
+    rollouts = generate_groups(
+        model,
+        tokenizer,
+        prompts,
+        config.group_size,
+        config.max_completion_tokens,
+        sampler,
+        compiled=None if config.compile else False,
+        temperature=config.temperature,
+    )
+    start = time.perf_counter()
+    answers = [ex.answer for ex in batch for _ in range(config.group_size)]
+    questions = [ex.question for ex in batch for _ in range(config.group_size)]
+    lengths = [len(ids) for ids in rollouts.completion_ids]
+    scores = score_completions(
+        rewards,
+        rollouts.texts,
+        answers,
+        questions=questions,
+        completion_tokens=lengths,
+        max_completion_tokens=config.max_completion_tokens,
+        overlong_buffer=config.overlong_buffer,
+    )
+    return batch, rollouts, scores, time.perf_counter() - start
+
+
+def _dynamic_batch(draw, batches, first, config, display, step):
+    """DAPO's dynamic sampling: draw further rounds of ``batch_size`` prompts (at most
+    ``config.max_resample``) until ``batch_size`` groups have differing rewards, then keep
+    those (``_keep_groups``). Says so when the rounds ran out first."""
+    parts = [(*first, _spread_groups(first[2].total, config.group_size))]
+    score_seconds = 0.0
+    while sum(len(p[3]) for p in parts) < config.batch_size and len(parts) <= config.max_resample:
+        display.phase(f"generating (dynamic sampling, round {len(parts) + 1})")
+        batch, rollouts, scores, seconds = draw(next(batches))
+        parts.append((batch, rollouts, scores, _spread_groups(scores.total, config.group_size)))
+        score_seconds += seconds
+    batch, rollouts, scores, figures = _keep_groups(parts, config.batch_size)
+    if figures["groups_kept"] < config.batch_size:
+        display.message(
+            f"step {step}: dynamic sampling found {figures['groups_kept']} of "
+            f"{config.batch_size} groups with differing rewards in {len(parts)} rounds "
+            f"(--max-resample {config.max_resample}); the step trains on them plus "
+            f"{config.batch_size - figures['groups_kept']} equal-reward groups"
+        )
+    return batch, rollouts, scores, figures, score_seconds
+
+
+def _spread_groups(total: np.ndarray, group_size: int) -> list[int]:
+    """Indices of the groups whose rewards are not all equal (the ones GRPO learns from)."""
+    grouped = np.asarray(total, dtype=np.float64).reshape(-1, group_size)
+    return [g for g in range(grouped.shape[0]) if np.ptp(grouped[g]) > 0.0]
+
+
+def _keep_groups(parts, batch_size: int):
+    """The first ``batch_size`` groups with a reward spread over the rounds ``parts`` (each
+    ``(batch, rollouts, scores, spread group indices)``), topped up with the first round's
+    equal-reward groups if there are too few. Returns the merged batch, rollouts, scores and
+    the dynamic-sampling figures."""
+    from .rewards import RewardScores
+
+    chosen = [(p, g) for p, (*_, spread) in enumerate(parts) for g in spread][:batch_size]
+    found = len(chosen)
+    for p, (batch, *_, spread) in enumerate(parts):
+        for g in range(len(batch)):
+            if len(chosen) < batch_size and g not in spread:
+                chosen.append((p, g))
+    group = parts[0][1].group_size
+    rows = [(p, g * group + j) for p, g in chosen for j in range(group)]
+    batch = [parts[p][0][g] for p, g in chosen]
+    rollouts = merge_rollouts([parts[p][1] for p in range(len(parts))], rows)
+    total = np.array([parts[p][2].total[r] for p, r in rows], dtype=np.float32)
+    components = {
+        name: np.array([parts[p][2].components[name][r] for p, r in rows], dtype=np.float32)
+        for name in parts[0][2].components
+    }
+    drawn = [r for _, r, *_ in parts]
+    figures = {
+        "groups_drawn": sum(len(b) for b, *_ in parts),
+        "groups_kept": found,
+        "resample_rounds": len(parts) - 1,
+        # Every round's tokens, not only the kept ones'.
+        "tokens_per_s": sum(r.generated_tokens for r in drawn)
+        / max(sum(r.generation_seconds for r in drawn), 1e-9),
+    }
+    return batch, rollouts, RewardScores(total, components), figures
+
+
 def _step_metrics(step, rollouts, scores, update, config, times, lr) -> dict:
     total = scores.total
     lengths = np.array([len(c) for c in rollouts.completion_ids])
@@ -461,6 +611,7 @@ def _step_metrics(step, rollouts, scores, update, config, times, lr) -> dict:
         grad_norm=update.grad_norm,
         skipped_update=update.skipped,
         learning_rate=lr,
+        entropy=_entropy(rollouts, update),
         completion_tokens_mean=float(lengths.mean()),
         completion_tokens_max=int(lengths.max()),
         truncated_fraction=float(np.mean([r == "length" for r in rollouts.finish_reasons])),
@@ -468,7 +619,20 @@ def _step_metrics(step, rollouts, scores, update, config, times, lr) -> dict:
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         **times,
     )
+    if update.mismatch_abs is not None:
+        metrics["mismatch_abs"] = update.mismatch_abs
+        metrics["mismatch_kl"] = update.mismatch_kl
     return metrics
+
+
+def _entropy(rollouts: Rollouts, update: UpdateStats) -> float:
+    """Mean surprisal of every sampled token under the distribution it was drawn from (an
+    estimate of the policy's entropy): the decode's own log-probs, else the training pass's
+    (which leaves out completions outside the loss)."""
+    if rollouts.logprobs is None:
+        return update.entropy
+    values = [v for row in rollouts.logprobs for v in row]
+    return -float(np.mean(values)) if values else float("nan")
 
 
 def _rollout_records(step, batch, rollouts, scores, advantages) -> list[dict]:
@@ -523,9 +687,6 @@ def train(
     """
     from mlx_lm.sample_utils import make_sampler
 
-    from .prompts import encode_prompt
-    from .rewards import score_completions
-
     optimizer = optimizer or make_optimizer(config, config.num_iterations)
     hooks = hooks or StepHooks(config, display)
     grads = GradientComputer.for_config(model, config)
@@ -537,24 +698,19 @@ def train(
         mx.reset_peak_memory()
         start = time.perf_counter()
         display.phase("generating")
-        batch = next(batches)
-        prompts = [encode_prompt(tokenizer, system_prompt, ex.question) for ex in batch]
-        rollouts = generate_groups(
-            model,
-            tokenizer,
-            prompts,
-            config.group_size,
-            config.max_completion_tokens,
-            sampler,
-            compiled=None if config.compile else False,
+        draw = functools.partial(
+            _draw_groups, model, tokenizer, system_prompt, rewards, sampler, config
         )
+        batch, rollouts, scores, score_seconds = draw(next(batches))
+        if config.dynamic_sampling:
+            batch, rollouts, scores, dynamic, more_seconds = _dynamic_batch(
+                draw, batches, (batch, rollouts, scores), config, display, step
+            )
+            score_seconds += more_seconds
         mx.clear_cache()  # give the decode's KV caches back before the training pass
         generated = time.perf_counter()
 
         display.phase("scoring")
-        answers = [ex.answer for ex in batch for _ in range(config.group_size)]
-        questions = [ex.question for ex in batch for _ in range(config.group_size)]
-        scores = score_completions(rewards, rollouts.texts, answers, questions=questions)
         advantages = group_advantages(scores.total, config.group_size, scale=config.scale_rewards)
         scored = time.perf_counter()
 
@@ -567,12 +723,14 @@ def train(
         trained = time.perf_counter()
 
         times = {
-            "time_generate": generated - start,
-            "time_score": scored - generated,
+            "time_generate": generated - start - score_seconds,
+            "time_score": scored - generated + score_seconds,
             "time_train": trained - scored,
             "time_step": trained - start,
         }
         metrics = _step_metrics(step, rollouts, scores, update, config, times, lr)
+        if config.dynamic_sampling:
+            metrics.update(dynamic)
         history.append(metrics)
         if config.sample_every and (step % config.sample_every == 0 or step == 1):
             best = int(np.argmax(scores.total[: config.group_size]))

@@ -199,11 +199,24 @@ def metric_rows(metrics: Mapping[str, Any]) -> list[MetricRow]:
         reward.append(("reward", text))
     if (zero_std := number("frac_reward_zero_std")) is not None:
         reward.append(("zero-std", format_percent(zero_std)))
+    drawn, kept = number("groups_drawn"), number("groups_kept")
+    if drawn is not None and kept is not None:  # --dynamic-sampling
+        reward.append(("groups kept", f"{kept:.0f}/{drawn:.0f}"))
 
     components: MetricRow = []
     for key in metrics:
         if key.startswith("reward/") and (value := number(key)) is not None:
             components.append((key.removeprefix("reward/"), f"{value:.3f}"))
+
+    # What the sampler drew from: the policy's entropy, and how far the decode's log-probs
+    # are from the training pass's at the same tokens.
+    sampling: MetricRow = []
+    if (entropy := number("entropy")) is not None:
+        sampling.append(("entropy", format_metric(entropy)))
+    if (gap := number("mismatch_abs")) is not None:
+        sampling.append(("decode gap", format_metric(gap, 2)))
+    if (gap_kl := number("mismatch_kl")) is not None:
+        sampling.append(("decode kl", format_metric(gap_kl, 2)))
 
     rollout: MetricRow = []
     length_mean, length_max = number("completion_tokens_mean"), number("completion_tokens_max")
@@ -244,7 +257,7 @@ def metric_rows(metrics: Mapping[str, Any]) -> list[MetricRow]:
 
     # Many components would make one very wide row; wrap them a few to a row.
     component_rows = [components[i : i + 5] for i in range(0, len(components), 5)]
-    rows = [optim, reward, *component_rows, rollout, timing, evaluation]
+    rows = [optim, reward, *component_rows, sampling, rollout, timing, evaluation]
     return [row for row in rows if row]
 
 

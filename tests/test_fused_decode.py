@@ -59,7 +59,7 @@ def decode(model, fused: bool, group_size: int = 2, max_tokens: int = 6):
     """Greedy tokens and every step's log-probabilities from one compiled decode step."""
     caches = [rollout.prefill_prompt(model, p) for p in PROMPTS]
     logprobs = []
-    tokens, reasons, name = rollout._decode_compiled(
+    tokens, reasons, name, _ = rollout._decode_compiled(
         model, PROMPTS, caches, group_size, max_tokens, None, frozenset(), logprobs.append, fused
     )
     return tokens, mx.stack(logprobs, axis=1), name  # [rows, steps, vocab]
@@ -299,5 +299,5 @@ def test_a_fused_step_that_fails_the_check_gives_way_to_the_module_decode(monkey
     assert rollout.compiled_decode_supported(model)
     assert rollout._DECODERS.entry(model)["fused"] is False
     caches = [rollout.prefill_prompt(model, p) for p in PROMPTS]
-    _, _, name = rollout._decode_compiled(model, PROMPTS, caches, 2, 3, None, frozenset())
+    _, _, name, _ = rollout._decode_compiled(model, PROMPTS, caches, 2, 3, None, frozenset())
     assert name == "compiled"

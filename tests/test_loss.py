@@ -42,7 +42,7 @@ def aggregate(per_token: np.ndarray, mask: np.ndarray, loss_type: str, max_token
     """Reference aggregation in numpy, for a whole batch."""
     if loss_type == "grpo":
         return float(np.mean((per_token * mask).sum(axis=1) / mask.sum(axis=1)))
-    if loss_type == "bnpo":
+    if loss_type in ("bnpo", "dapo"):  # both over the whole step's tokens
         return float((per_token * mask).sum() / mask.sum())
     return float((per_token * mask).sum() / (mask.shape[0] * max_tokens))
 
@@ -73,6 +73,7 @@ MAX_TOKENS = 6
 EXPECTED = {
     "grpo": (-5.6 / 3 + 0.85) / 2,
     "bnpo": -0.78,
+    "dapo": -0.78,  # the same token mean over the whole step
     "dr_grpo": -0.325,
 }
 
@@ -119,7 +120,7 @@ def test_token_kl_matches_k3_on_hand_numbers():
 
 def test_clipped_surrogate_on_hand_numbers():
     logp, old_logp, adv, _ = hand_batch()
-    per_token, ratio = clipped_surrogate(logp, old_logp, adv, 0.2, 0.2)
+    per_token, ratio = clipped_surrogate(logp - old_logp, adv, 0.2, 0.2)
     np.testing.assert_allclose(np.array(ratio), RATIO, rtol=1e-6)
     expected = [[-2.2, -2.4, -1.0, -2.0], [0.9, 0.8, 1.0, 1.0]]  # padding: ratio 1, loss -A
     np.testing.assert_allclose(np.array(per_token), expected, rtol=1e-6)
@@ -138,6 +139,7 @@ def test_single_iteration_loss_is_minus_weighted_mean_advantage(loss_type):
     expected = {
         "grpo": -(2.0 + -1.0) / 2,  # -mean(A) over completions
         "bnpo": -(2.0 * 3 + -1.0 * 2) / 5,  # -sum(A_i * len_i) / tokens
+        "dapo": -(2.0 * 3 + -1.0 * 2) / 5,
         "dr_grpo": -(2.0 * 3 + -1.0 * 2) / (2 * MAX_TOKENS),
     }[loss_type]
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -177,9 +179,11 @@ def test_each_loss_type_on_hand_example(loss_type):
 
 
 def test_loss_types_differ_on_the_hand_example():
-    # Guard against the hand example being degenerate (all three equal would hide a mix-up).
-    values = sorted(EXPECTED.values())
-    assert values[0] < values[1] < values[2]
+    # Guard against the hand example being degenerate (all equal would hide a mix-up); dapo is
+    # bnpo under another name, so three distinct values.
+    values = sorted(set(EXPECTED.values()))
+    assert len(values) == 3 and values[0] < values[1] < values[2]
+    assert EXPECTED["dapo"] == EXPECTED["bnpo"]
 
 
 # --- clipping ------------------------------------------------------------------------------
