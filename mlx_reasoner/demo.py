@@ -118,6 +118,11 @@ class DemoRecipe:
     grpo_warmup_steps: int = 5
     temperature: float = 1.0
     beta: float = 0.04
+    # Training-signal controls (see TrainConfig), as train's defaults unless set here.
+    dynamic_sampling: bool = False
+    max_resample: int = 3
+    scale_rewards: str = "group"
+    mask_truncated: bool = False
     rewards: tuple[str, ...] = ("correctness", "strict_format")
     max_completion_tokens: int = 64
     lora_rank: int = 16
@@ -303,6 +308,10 @@ def run_demo(
             warmup_steps=recipe.grpo_warmup_steps,
             temperature=recipe.temperature,
             beta=recipe.beta,
+            dynamic_sampling=recipe.dynamic_sampling,
+            max_resample=recipe.max_resample,
+            scale_rewards=recipe.scale_rewards,
+            mask_truncated=recipe.mask_truncated,
             reward=recipe.rewards,
             micro_batch_size=recipe.grpo_batch_size * recipe.group_size,
             sample_every=max(recipe.grpo_steps // 3, 1),
