@@ -41,7 +41,7 @@ def main() -> None:
         tree_map(lambda p: p + 0.01 * mx.random.normal(p.shape, dtype=p.dtype),
                  model.trainable_parameters())
     )  # fmt: skip
-    prompt = [int(t) for t in np.random.default_rng(0).integers(100, 5000, 110)]
+    prompt = tokenizer.encode("Even or odd number of z: kvqzzxvqxzxzzzzq. " * 4)
     rollouts = generate_groups(
         model, tokenizer, [prompt], args.completions, args.tokens, make_sampler(0.9),
         ignore_eos=True, temperature=0.9,
