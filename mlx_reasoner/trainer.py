@@ -325,7 +325,7 @@ def policy_update(
     once, before the first update; gradients accumulate over micro-batches.
     """
     in_loss = None
-    if getattr(config, "mask_truncated", False):
+    if config.mask_truncated:
         in_loss = [reason != "length" for reason in rollouts.finish_reasons]
     batches = micro_batches(
         rollouts, advantages, config.micro_batch_size, grad_computer.share_prompts, in_loss
