@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 
+from mlx_reasoner import blas
 from mlx_reasoner.blas import set_threads
 from mlx_reasoner.model import attach_lora, lora_config
 from mlx_reasoner.rollout import generate_groups
@@ -22,6 +23,9 @@ model, tok = mlx_lm.load(path)
 attach_lora(model, lora_config(-1, 8))
 mx.eval(model.parameters())
 prompt = [int(t) for t in np.random.default_rng(0).integers(100, 5000, 110)]
+
+
+blas._user_threads = True  # the threads are set by hand here: keep the decode from choosing
 
 
 def roll(fused, threads):
