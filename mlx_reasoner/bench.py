@@ -103,9 +103,7 @@ class BenchConfig:
                 f"--steps must be at least 2 (the first step is a warm-up, left out of the "
                 f"figures), got {self.steps}"
             )
-        check_ranges(self)
-        if self.loss_type not in LOSS_TYPES:
-            raise ReasonerError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}")
+        check_ranges(self)  # ranges and choices (--loss-type)
         self.train_config().validate()  # the checks train makes, naming the same flags
         return self
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import EvalConfig, SFTConfig, TrainConfig, field_type
+from .config import EvalConfig, SFTConfig, TrainConfig, field_type, option_flag
 from .errors import ReasonerError
 
 
@@ -34,7 +34,7 @@ def config_options(cls):
 
     def decorate(command):
         for f in reversed(dataclasses.fields(cls)):
-            flag = "--" + f.name.replace("_", "-")
+            flag = option_flag(f.name)
             kind, _ = field_type(f.type)
             help_text = f.metadata.get("help", "")
             if kind is bool:
@@ -110,14 +110,10 @@ def resolve_config(cls, options: dict, config_file: str | None):
         base = name.removesuffix(OFF_SUFFIX)
         if ctx.get_parameter_source(base) == ParameterSource.COMMANDLINE:
             raise ReasonerError(
-                f"give either {_dashed(base)} or --no-{_dashed(base)[2:]}, not both"
+                f"give either {option_flag(base)} or --no-{option_flag(base)[2:]}, not both"
             )
         values[base] = fields[base].metadata["off_flag"]
     return cls(**values)
-
-
-def _dashed(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def show_config(config) -> None:

@@ -29,18 +29,29 @@ def _opt(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
-def _flag(name: str) -> str:
+def option_flag(name: str) -> str:
+    """The command-line flag of a config field: ``loss_type`` -> ``--loss-type``."""
     return "--" + name.replace("_", "-")
 
 
+def legacy_value(f: dataclasses.Field, value):
+    """``value`` as the field takes it now, where an older run or file stored it in another form
+    (``scale_rewards: true`` before it had three modes); other values as they are."""
+    legacy = f.metadata.get("legacy", {})
+    return legacy[value] if isinstance(value, bool) and value in legacy else value
+
+
 def check_ranges(config) -> None:
-    """Raise a ReasonerError for the first field outside its declared range."""
+    """Raise a ReasonerError for the first field outside its declared range or choices."""
     for f in dataclasses.fields(config):
         value, meta = getattr(config, f.name), f.metadata
+        choices = meta.get("choices")
+        if choices and value is not None and value not in choices:
+            raise ReasonerError(f"{option_flag(f.name)} must be one of {', '.join(choices)}")
         if value is None or isinstance(value, (bool, str, tuple)):
             continue
         if not math.isfinite(value):
-            raise ReasonerError(f"{_flag(f.name)} must be a finite number, got {value}")
+            raise ReasonerError(f"{option_flag(f.name)} must be a finite number, got {value}")
         if "at_least" in meta and value < meta["at_least"]:
             problem = f"must be at least {meta['at_least']}"
         elif "above" in meta and value <= meta["above"]:
@@ -51,7 +62,7 @@ def check_ranges(config) -> None:
             problem = f"must be < {meta['below']}"
         else:
             continue
-        raise ReasonerError(f"{_flag(f.name)} {problem}, got {value}")
+        raise ReasonerError(f"{option_flag(f.name)} {problem}, got {value}")
 
 
 @dataclass
@@ -131,6 +142,8 @@ class RunConfig:
 
     def validate(self):
         """Reject nonsense before anything expensive happens; returns ``self``."""
+        for f in dataclasses.fields(self):  # a resumed older run's values, in today's form
+            setattr(self, f.name, legacy_value(f, getattr(self, f.name)))
         check_ranges(self)
         if self.lora_layers == 0:
             raise ReasonerError("--lora-layers must be >= 1 or -1 (all), got 0")
@@ -241,20 +254,6 @@ class TrainConfig(RunConfig):
                 "--group-size must be at least 2 (GRPO compares completions within a group), "
                 f"got {self.group_size}"
             )
-        if self.loss_type not in LOSS_TYPES:
-            raise ReasonerError(f"--loss-type must be one of {', '.join(LOSS_TYPES)}")
-        if self.kl_reference not in KL_REFERENCES:
-            raise ReasonerError(f"--kl-reference must be one of {', '.join(KL_REFERENCES)}")
-        # Runs saved before the three modes stored true/false.
-        self.scale_rewards = {True: "group", False: "none"}.get(
-            self.scale_rewards, self.scale_rewards
-        )
-        for name, choices in (
-            ("scale_rewards", SCALE_REWARDS),
-            ("importance_sampling_level", tuple(IMPORTANCE_LEVELS)),
-        ):
-            if getattr(self, name) not in choices:
-                raise ReasonerError(f"{_flag(name)} must be one of {', '.join(choices)}")
         if self.overlong_buffer is not None and self.overlong_buffer > self.max_completion_tokens:
             raise ReasonerError(
                 f"--overlong-buffer ({self.overlong_buffer}) must not exceed "
@@ -338,9 +337,7 @@ def coerce_value(cls, name: str, value, source: str):
     kind, optional = field_type(fields[name].type)
     if value is None and optional:
         return None
-    legacy = fields[name].metadata.get("legacy", {})
-    if isinstance(value, bool) and value in legacy:  # an older file's value for this option
-        value = legacy[value]
+    value = legacy_value(fields[name], value)  # an older file's form of this option
     wrong = ReasonerError(
         f"{source}: option '{name}' must be {_KIND_NAMES.get(kind, kind.__name__)}, "
         f"got {value!r}"
