@@ -56,7 +56,13 @@ def group_advantages(
     return centred.reshape(-1).astype(np.float32)
 
 
+def groups_with_spread(rewards: np.ndarray, group_size: int) -> list[int]:
+    """Indices of the groups whose rewards are not all equal: the ones GRPO learns from."""
+    grouped = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)
+    return np.flatnonzero(np.ptp(grouped, axis=1) > 0.0).tolist()
+
+
 def zero_std_fraction(rewards: np.ndarray, group_size: int) -> float:
     """Fraction of groups whose rewards are all equal, which carry no learning signal."""
-    grouped = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)
-    return float(np.mean(np.ptp(grouped, axis=1) == 0.0))
+    groups = np.asarray(rewards).size // group_size
+    return (groups - len(groups_with_spread(rewards, group_size))) / groups

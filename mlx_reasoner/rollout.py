@@ -458,17 +458,16 @@ def _decode_compiled(
     if fused is None:
         fused = entry["fused"] is not False
     planned = fused_plan(model, rows) if fused else None
+    threads = decode_threads(_weight_bytes(model))
     if planned is not None:
         plan, params = planned
         step = functools.partial(_DECODERS.fused(entry, model, plan, sampler), params)
-        threads = decode_threads(_weight_bytes(model))
         completions, reasons, logprobs = _decode_loop(
             step, prompts, caches, group_size, max_tokens, stop, record, threads, temperature
         )
         return completions, reasons, "fused", logprobs
     with lora_as_addmm(model), shared_rope(model), small_weights_transposed(model, rows):
         step = _DECODERS.step(model, sampler)
-        threads = decode_threads(_weight_bytes(model))
         completions, reasons, logprobs = _decode_loop(
             step, prompts, caches, group_size, max_tokens, stop, record, threads, temperature
         )
@@ -492,9 +491,10 @@ def _decode_loop(
     reasons: list[str | None] = [None] * rows
     open_rows = rows
 
-    def take(tokens: list[int], chosen: list[float] | None) -> None:
+    def take(tokens: mx.array, chosen: mx.array | None) -> None:
         nonlocal open_rows
-        for r, token in enumerate(tokens):
+        chosen = None if chosen is None else chosen.tolist()
+        for r, token in enumerate(tokens.tolist()):
             if reasons[r] is not None:
                 continue
             completions[r].append(token)
@@ -530,14 +530,14 @@ def _decode_loop(
             )
             mx.async_eval(tokens, sets[i % 2], previous, *([] if chosen is None else [chosen]))
             if pending is not None:
-                take(pending[0].tolist(), None if pending[1] is None else pending[1].tolist())
+                take(*pending)
                 if threads is not None:
                     threads.step_done()
                 if open_rows == 0:
                     break
             pending = (tokens, chosen)
         else:
-            take(pending[0].tolist(), None if pending[1] is None else pending[1].tolist())
+            take(*pending)
     finally:
         if threads is not None:
             threads.close()

@@ -15,7 +15,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from .advantages import group_advantages, zero_std_fraction
+from .advantages import group_advantages, groups_with_spread, zero_std_fraction
 from .config import TrainConfig
 from .loss import (
     LossConfig,
@@ -535,12 +535,12 @@ def _dynamic_batch(draw, batches, first, config, display, step):
     """DAPO's dynamic sampling: draw further rounds of ``batch_size`` prompts (at most
     ``config.max_resample``) until ``batch_size`` groups have differing rewards, then keep
     those (``_keep_groups``). Says so when the rounds ran out first."""
-    parts = [(*first, _spread_groups(first[2].total, config.group_size))]
+    parts = [(*first, groups_with_spread(first[2].total, config.group_size))]
     score_seconds = 0.0
     while sum(len(p[3]) for p in parts) < config.batch_size and len(parts) <= config.max_resample:
         display.phase(f"generating (dynamic sampling, round {len(parts) + 1})")
         batch, rollouts, scores, seconds = draw(next(batches))
-        parts.append((batch, rollouts, scores, _spread_groups(scores.total, config.group_size)))
+        parts.append((batch, rollouts, scores, groups_with_spread(scores.total, config.group_size)))
         score_seconds += seconds
     batch, rollouts, scores, figures = _keep_groups(parts, config.batch_size)
     if figures["groups_kept"] < config.batch_size:
@@ -551,12 +551,6 @@ def _dynamic_batch(draw, batches, first, config, display, step):
             f"{config.batch_size - figures['groups_kept']} equal-reward groups"
         )
     return batch, rollouts, scores, figures, score_seconds
-
-
-def _spread_groups(total: np.ndarray, group_size: int) -> list[int]:
-    """Indices of the groups whose rewards are not all equal (the ones GRPO learns from)."""
-    grouped = np.asarray(total, dtype=np.float64).reshape(-1, group_size)
-    return [g for g in range(grouped.shape[0]) if np.ptp(grouped[g]) > 0.0]
 
 
 def _keep_groups(parts, batch_size: int):

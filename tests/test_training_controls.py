@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_reasoner.advantages import group_advantages
+from mlx_reasoner.advantages import group_advantages, groups_with_spread
 from mlx_reasoner.cli import main
 from mlx_reasoner.config import TrainConfig, load_config_file
 from mlx_reasoner.errors import ReasonerError
@@ -31,7 +31,6 @@ from mlx_reasoner.rollout import Rollouts, generate_groups
 from mlx_reasoner.trainer import (
     GradientComputer,
     _keep_groups,
-    _spread_groups,
     micro_batches,
     policy_update,
 )
@@ -226,7 +225,7 @@ def test_masked_truncated_completions_contribute_no_gradient(tiny_model):
 
 
 def test_spread_groups_and_keep_groups_on_hand_numbers():
-    assert _spread_groups(np.array([1, 1, 0, 1, 2, 2]), 2) == [1]
+    assert groups_with_spread(np.array([1, 1, 0, 1, 2, 2]), 2) == [1]
 
     def part(rewards, prompts):
         group = 2
@@ -242,7 +241,7 @@ def test_spread_groups_and_keep_groups_on_hand_numbers():
 
         total = np.array(rewards, dtype=np.float32)
         scores = RewardScores(total, {"r": total})
-        return (list(prompts), rollouts, scores, _spread_groups(total, group))
+        return (list(prompts), rollouts, scores, groups_with_spread(total, group))
 
     first = part([1, 1, 0, 1], ["a", "b"])  # only b has a spread
     second = part([2, 2, 3, 0], ["c", "d"])  # only d
