@@ -207,10 +207,7 @@ def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
 
 def _default_thread_count() -> None:
     """Give OpenBLAS half the cores unless the user chose (it reads the variable when loaded)."""
-    global _user_threads
-    if any(os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")):
-        _user_threads = True
-    else:
+    if not _user_threads:
         os.environ["OPENBLAS_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
 
 
@@ -322,6 +319,8 @@ def _decide() -> BlasInfo:
             REFERENCE_NAME, reason=f"disabled by {ENV_VAR}={setting}", fix=f"unset {ENV_VAR}"
         )
 
+    global _user_threads  # read before anything of ours sets the variable, on every path
+    _user_threads = any(os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS"))
     preloaded = _preloaded_openblas()
     if preloaded is not None:
         # Already in the global scope, ahead of everything: loading a second copy would only add a
