@@ -26,6 +26,16 @@ def user_errors(debug: bool) -> Iterator[None]:
         on_error("interrupted", debug, exit_code=130)
 
 
+def start_backend(command: str) -> None:
+    """Before a command that computes, and before anything imports mlx: load what the backend
+    needs (on Linux, a fast BLAS for MLX's CPU matmuls) and warn where MLX will be slow."""
+    from . import backend
+    from .ui import show_slow_blas_notice
+
+    backend.start()
+    show_slow_blas_notice(command)
+
+
 OFF_SUFFIX = "__off"  # the parameter behind a --no-NAME alias of a choice option
 
 
@@ -122,17 +132,18 @@ def show_config(config) -> None:
     click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
 
 
-def run_training_command(cls, run, options, config_file, print_config, debug, next_step):
-    """Resolve and check the configuration, then print it or run it and say what comes next."""
-    from .ui import show_slow_blas_notice
-
+def run_training_command(cls, run: str, options, config_file, print_config, debug, next_step):
+    """Resolve and check the configuration, then print it or run it (``run.<run>``) and say
+    what comes next."""
     with user_errors(debug):
         config = resolve_config(cls, options, config_file).validate()
         if print_config:
             show_config(config)
             return
-        show_slow_blas_notice("sft" if cls is SFTConfig else "train")  # before any loading
-        run_dir = run(config)
+        start_backend("sft" if cls is SFTConfig else "train")
+        from . import run as pipeline  # imports mlx: only once the backend has started
+
+        run_dir = getattr(pipeline, run)(config)
         click.echo(f"done: adapters in {run_dir} ({next_step.format(run_dir=run_dir)})")
 
 
@@ -163,11 +174,9 @@ def train(debug: bool, print_config: bool, config_file: str | None, **options) -
     Each step samples --batch-size questions, generates --group-size completions for each,
     scores them with the rewards, and updates the adapters towards the better ones.
     """
-    from .run import run_train
-
     run_training_command(
         TrainConfig,
-        run_train,
+        "run_train",
         options,
         config_file,
         print_config,
@@ -185,11 +194,9 @@ def sft(debug: bool, print_config: bool, config_file: str | None, **options) -> 
     model learns the assistant's tokens. Continue with GRPO:
     mlx-reasoner train --adapter-path runs/<this run>.
     """
-    from .run import run_sft
-
     run_training_command(
         SFTConfig,
-        run_sft,
+        "run_sft",
         options,
         config_file,
         print_config,
@@ -207,6 +214,7 @@ def eval_command(debug: bool, **options) -> None:
     Greedy by default; --samples K draws K completions per question and reports pass@K.
     --compare puts the base model and the adapters side by side on the same questions.
     """
+    start_backend("eval")
     from .run import run_eval
 
     with user_errors(debug):
@@ -243,7 +251,8 @@ def strawberry_test(model, adapter_path, system_prompt, max_completion_tokens, a
     """
     import json
 
-    from .demo import run_strawberry_test, score_line
+    start_backend("strawberry-test")
+    from .showcase.demo import run_strawberry_test, score_line
     from .ui import console, strawberry_view
 
     with user_errors(debug):
@@ -280,16 +289,15 @@ def demo(run_dir, seed, debug):
     adapters, and compares held-out accuracy after the warm start and after GRPO, ending with
     strawberry-style before/after panels. Writes summary.json in --run-dir.
     """
-    from .demo import run_demo
-    from .ui import show_slow_blas_notice
+    start_backend("demo")
+    from .showcase.demo import run_demo
 
     with user_errors(debug):
-        show_slow_blas_notice("demo")
         run_demo(run_dir, seed)
 
 
 def _bench_options(command):
-    from .bench import BenchConfig
+    from .showcase.bench import BenchConfig
 
     return config_options(BenchConfig)(command)
 
@@ -304,11 +312,11 @@ def bench(debug: bool, **options) -> None:
     full length, and times mlx-lm's BatchGenerator alone on the same prompts. Without --model it
     builds a tiny 2.9M-parameter Qwen2 offline. --output FILE writes the figures as JSON.
     """
-    from .bench import BenchConfig, bench_table, run_bench
-    from .ui import console, show_slow_blas_notice
+    start_backend("bench")
+    from .showcase.bench import BenchConfig, bench_table, run_bench
+    from .ui import console
 
     with user_errors(debug):
-        show_slow_blas_notice("bench")
         result = run_bench(BenchConfig(**options), log=console.print)
         console.print(bench_table(result))
         if options["output"]:

@@ -19,13 +19,17 @@ else:  # pragma: no cover - Python 3.10
 
 from .advantages import SCALE_REWARDS
 from .errors import ReasonerError
-from .loss import IMPORTANCE_LEVELS, LOSS_TYPES
-from .model import DEFAULT_LORA_LAYERS
+
+# Option vocabularies. The objective's lookups (objective.AGGREGATORS, IMPORTANCE_LEVELS) hold
+# exactly these names; config stays free of mlx so that the CLI starts fast.
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+DEFAULT_LORA_LAYERS = 16  # LoRA on the last 16 blocks unless --lora-layers says otherwise
 
 KL_REFERENCES = ("start", "base")
 
 
-def _opt(default, help: str, **extra):
+def option(default, help: str, **extra):
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -69,71 +73,71 @@ def check_ranges(config) -> None:
 class RunConfig:
     """Options shared by the commands that train adapters (``train`` and ``sft``)."""
 
-    model: str = _opt("Qwen/Qwen2.5-3B-Instruct", "Hub id or local mlx-lm model directory.")
-    dataset: str = _opt(
+    model: str = option("Qwen/Qwen2.5-3B-Instruct", "Hub id or local mlx-lm model directory.")
+    dataset: str = option(
         "openai/gsm8k", "Hub id, task:NAME, or a local JSONL/JSON/CSV/Parquet file."
     )
-    dataset_config: str | None = _opt(None, "Hub dataset configuration (GSM8K: main).")
-    split: str = _opt("train", "Dataset split to train on.")
-    question_field: str = _opt("question", "Field holding the question.")
-    answer_field: str = _opt("answer", "Field holding the gold answer ('… #### 42' is parsed).")
-    system_prompt: str = _opt("reasoning", "Built-in prompt name (prompts/NAME.txt) or a file.")
-    adapter_path: str | None = _opt(None, "Start from these LoRA adapters (an earlier run).")
-    steps: int = _opt(300, "Optimisation steps.", at_least=1)
-    batch_size: int = _opt(2, "Prompts per step.", at_least=1)
+    dataset_config: str | None = option(None, "Hub dataset configuration (GSM8K: main).")
+    split: str = option("train", "Dataset split to train on.")
+    question_field: str = option("question", "Field holding the question.")
+    answer_field: str = option("answer", "Field holding the gold answer ('… #### 42' is parsed).")
+    system_prompt: str = option("reasoning", "Built-in prompt name (prompts/NAME.txt) or a file.")
+    adapter_path: str | None = option(None, "Start from these LoRA adapters (an earlier run).")
+    steps: int = option(300, "Optimisation steps.", at_least=1)
+    batch_size: int = option(2, "Prompts per step.", at_least=1)
     # Qwen2.5's GSM8K answers run ~270 tokens (57% would be cut at 256); 512 fits most.
-    max_completion_tokens: int = _opt(512, "Completion length limit in tokens.", at_least=1)
-    learning_rate: float = _opt(1e-5, "Peak AdamW learning rate.", above=0)
-    warmup_steps: int = _opt(10, "Linear warm-up steps before the cosine decay.", at_least=0)
-    min_lr_ratio: float = _opt(
+    max_completion_tokens: int = option(512, "Completion length limit in tokens.", at_least=1)
+    learning_rate: float = option(1e-5, "Peak AdamW learning rate.", above=0)
+    warmup_steps: int = option(10, "Linear warm-up steps before the cosine decay.", at_least=0)
+    min_lr_ratio: float = option(
         0.1, "Cosine decay ends at this fraction of the peak rate.", at_least=0, at_most=1
     )
-    weight_decay: float = _opt(0.01, "AdamW weight decay.", at_least=0)
-    max_grad_norm: float = _opt(
+    weight_decay: float = option(0.01, "AdamW weight decay.", at_least=0)
+    max_grad_norm: float = option(
         1.0, "Clip the global gradient norm to this (0 disables).", at_least=0
     )
-    lora_rank: int = _opt(8, "LoRA rank.", at_least=1)
-    lora_layers: int | None = _opt(
+    lora_rank: int = option(8, "LoRA rank.", at_least=1)
+    lora_layers: int | None = option(
         None,
         f"LoRA on all linear layers of this many top blocks (-1: all). Default: "
         f"{DEFAULT_LORA_LAYERS}, or every block of a model with fewer. A number above the "
         "model's blocks is an error, not quietly lowered.",
         at_least=-1,
     )
-    lora_scale: float = _opt(20.0, "LoRA scale (mlx-lm convention).")
-    seed: int = _opt(0, "Random seed (data order, sampling, LoRA init).", at_least=0)
-    run_dir: str | None = _opt(None, "Output folder; default runs/<timestamp>.")
-    save_every: int = _opt(50, "Save adapters every N steps (and at the end).", at_least=0)
-    sample_every: int = _opt(10, "Show a sample completion every N steps (0: never).", at_least=0)
-    compile: bool = _opt(
+    lora_scale: float = option(20.0, "LoRA scale (mlx-lm convention).")
+    seed: int = option(0, "Random seed (data order, sampling, LoRA init).", at_least=0)
+    run_dir: str | None = option(None, "Output folder; default runs/<timestamp>.")
+    save_every: int = option(50, "Save adapters every N steps (and at the end).", at_least=0)
+    sample_every: int = option(10, "Show a sample completion every N steps (0: never).", at_least=0)
+    compile: bool = option(
         True, "mx.compile the training pass and the rollout's decode step (models that allow it)."
     )
-    grad_checkpoint: bool = _opt(
+    grad_checkpoint: bool = option(
         False, "Recompute block activations in the backward pass (less memory, slower)."
     )
-    share_prompts: bool = _opt(
+    share_prompts: bool = option(
         True,
         "Training pass: run each prompt once for its whole group (models that allow it, "
         "not with --grad-checkpoint).",
     )
-    memory_limit_gb: float | None = _opt(
+    memory_limit_gb: float | None = option(
         None,
         "Cap the memory MLX may use, in GB; train refuses to start a run whose estimated peak "
         "is above it (default: the device's memory, and MLX's own limit).",
         above=0,
     )
-    eval_every: int = _opt(
+    eval_every: int = option(
         0, "Evaluate on held-out questions every N steps (0: never).", at_least=0
     )
-    eval_limit: int = _opt(50, "Held-out questions per evaluation.", at_least=1)
-    eval_split: str = _opt("test", "Held-out split of a hub dataset or built-in task.")
-    max_bad_steps: int = _opt(
+    eval_limit: int = option(50, "Held-out questions per evaluation.", at_least=1)
+    eval_split: str = option("test", "Held-out split of a hub dataset or built-in task.")
+    max_bad_steps: int = option(
         5, "Stop after this many steps in a row with a non-finite loss or gradient.", at_least=1
     )
-    keep_checkpoints: int = _opt(3, "Resumable checkpoints kept in the run folder.", at_least=1)
-    resume: str | None = _opt(None, "Continue the run in this folder from its newest checkpoint.")
-    overwrite: bool = _opt(False, "Replace an existing run in --run-dir.")
-    eval_fraction: float = _opt(
+    keep_checkpoints: int = option(3, "Resumable checkpoints kept in the run folder.", at_least=1)
+    resume: str | None = option(None, "Continue the run in this folder from its newest checkpoint.")
+    overwrite: bool = option(False, "Replace an existing run in --run-dir.")
+    eval_fraction: float = option(
         0.1,
         "Share of a local file held out for --eval-every (never trained on).",
         above=0,
@@ -168,30 +172,32 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """Everything ``mlx-reasoner train`` needs; the defaults are the classic GSM8K recipe."""
 
-    group_size: int = _opt(8, "Completions sampled per prompt (G >= 2).")
-    temperature: float = _opt(0.9, "Sampling temperature.", above=0)
-    top_p: float = _opt(1.0, "Nucleus sampling threshold (1 disables).", above=0, at_most=1)
-    top_k: int = _opt(0, "Sample among the k most likely tokens (0 disables).", at_least=0)
-    min_p: float = _opt(
+    group_size: int = option(8, "Completions sampled per prompt (G >= 2).")
+    temperature: float = option(0.9, "Sampling temperature.", above=0)
+    top_p: float = option(1.0, "Nucleus sampling threshold (1 disables).", above=0, at_most=1)
+    top_k: int = option(0, "Sample among the k most likely tokens (0 disables).", at_least=0)
+    min_p: float = option(
         0.0, "Drop tokens below min_p x the top probability (0 disables).", at_least=0, at_most=1
     )
-    epsilon: float = _opt(0.2, "Lower clip range of the policy ratio.", above=0)
-    epsilon_high: float | None = _opt(None, "Upper clip range (DAPO); default: --epsilon.", above=0)
-    beta: float = _opt(0.04, "KL weight to the reference policy; 0 skips it.", at_least=0)
-    kl_reference: str = _opt(
+    epsilon: float = option(0.2, "Lower clip range of the policy ratio.", above=0)
+    epsilon_high: float | None = option(
+        None, "Upper clip range (DAPO); default: --epsilon.", above=0
+    )
+    beta: float = option(0.04, "KL weight to the reference policy; 0 skips it.", at_least=0)
+    kl_reference: str = option(
         "start",
         "KL reference: 'start', the policy training started from (the base plus the "
         "--adapter-path adapters, if any), or 'base', the bare base model.",
         choices=KL_REFERENCES,
     )
-    loss_type: str = _opt(
+    loss_type: str = option(
         "grpo",
         "Loss aggregation: grpo (mean per completion, then over completions), bnpo or dapo "
         "(mean over all the step's tokens; the same here), dr_grpo (sum / completions x "
         "--max-completion-tokens).",
         choices=LOSS_TYPES,
     )
-    scale_rewards: str = _opt(
+    scale_rewards: str = option(
         "group",
         "Divide advantages by the reward std of each group, of the whole batch, or none "
         "(--no-scale-rewards: none).",
@@ -199,52 +205,52 @@ class TrainConfig(RunConfig):
         off_flag="none",
         legacy={True: "group", False: "none"},
     )
-    importance_sampling_level: str = _opt(
+    importance_sampling_level: str = option(
         "token",
         "Importance ratio per token (GRPO) or per completion, the mean of its tokens' (GSPO).",
-        choices=tuple(IMPORTANCE_LEVELS),
+        choices=IMPORTANCE_LEVELS,
     )
-    mask_truncated: bool = _opt(
+    mask_truncated: bool = option(
         False,
         "Leave completions cut at --max-completion-tokens out of the loss (they still count in "
         "the rewards and logs).",
     )
-    dynamic_sampling: bool = _opt(
+    dynamic_sampling: bool = option(
         False,
         "Keep generating groups until the step has --batch-size groups whose rewards differ "
         "(DAPO); equal-reward groups teach nothing.",
     )
-    max_resample: int = _opt(
+    max_resample: int = option(
         3, "Extra generation rounds a step may take for --dynamic-sampling.", at_least=0
     )
-    tis_cap: float | None = _opt(
+    tis_cap: float | None = option(
         None,
         "Truncated importance sampling: weight each token's loss by min(p_train / p_decode, "
         "CAP), correcting for the decode's log-probs differing from the training pass's. "
         "Off by default.",
         at_least=1,
     )
-    overlong_buffer: int | None = _opt(
+    overlong_buffer: int | None = option(
         None,
         "Tokens before --max-completion-tokens over which the 'overlong' reward falls from 0 "
         "to -1 (DAPO); default: a fifth of --max-completion-tokens.",
         at_least=1,
     )
-    num_iterations: int = _opt(1, "Updates per batch of rollouts (mu).", at_least=1)
+    num_iterations: int = option(1, "Updates per batch of rollouts (mu).", at_least=1)
     # One completion per pass keeps a 3B bfloat16 step with 512-token completions near 10 GB on
     # a Mac (two: about 14 GB); with memory to spare, 2 or 4 run faster (docs/performance.md).
-    micro_batch_size: int = _opt(
+    micro_batch_size: int = option(
         1, "Completions per forward/backward pass (memory bound).", at_least=1
     )
-    memory_check: bool = _opt(
+    memory_check: bool = option(
         True,
         "Refuse a run whose estimated peak memory is over --memory-limit-gb or the device's "
         "memory, before anything is loaded.",
     )
-    reward: tuple[str, ...] = _opt(
+    reward: tuple[str, ...] = option(
         (), "Reward NAME[:WEIGHT]; repeatable. Default: the five GSM8K rewards."
     )
-    reward_file: tuple[str, ...] = _opt(
+    reward_file: tuple[str, ...] = option(
         (), "Python file whose public functions are added as rewards; repeatable."
     )
 
@@ -266,16 +272,16 @@ class TrainConfig(RunConfig):
 class SFTConfig(RunConfig):
     """Everything ``mlx-reasoner sft`` needs: LoRA fine-tuning on worked solutions."""
 
-    steps: int = _opt(200, "Optimisation steps.", at_least=1)
-    batch_size: int = _opt(4, "Examples per step.", at_least=1)
-    learning_rate: float = _opt(1e-4, "Peak AdamW learning rate.", above=0)
-    reasoning_field: str = _opt(
+    steps: int = option(200, "Optimisation steps.", at_least=1)
+    batch_size: int = option(4, "Examples per step.", at_least=1)
+    learning_rate: float = option(1e-4, "Peak AdamW learning rate.", above=0)
+    reasoning_field: str = option(
         "reasoning", "Field holding the worked solution (GSM8K: the text before ####)."
     )
-    max_seq_tokens: int = _opt(
+    max_seq_tokens: int = option(
         1024, "Drop examples longer than this many tokens (prompt + answer).", at_least=8
     )
-    sample_every: int = _opt(0, "Show a sample of the training text every N steps.", at_least=0)
+    sample_every: int = option(0, "Show a sample of the training text every N steps.", at_least=0)
 
     def data_options(self) -> dict:
         return {**super().data_options(), "reasoning_field": self.reasoning_field}
@@ -285,27 +291,27 @@ class SFTConfig(RunConfig):
 class EvalConfig:
     """Everything ``mlx-reasoner eval`` needs; by default GSM8K's test split, greedy."""
 
-    model: str = _opt("Qwen/Qwen2.5-3B-Instruct", "Hub id or local mlx-lm model directory.")
-    adapter_path: str | None = _opt(None, "LoRA adapters to evaluate (a run folder).")
-    dataset: str = _opt(
+    model: str = option("Qwen/Qwen2.5-3B-Instruct", "Hub id or local mlx-lm model directory.")
+    adapter_path: str | None = option(None, "LoRA adapters to evaluate (a run folder).")
+    dataset: str = option(
         "openai/gsm8k", "Hub id, task:NAME, or a local JSONL/JSON/CSV/Parquet file."
     )
-    dataset_config: str | None = _opt(None, "Hub dataset configuration (GSM8K: main).")
-    split: str = _opt("test", "Held-out split (hub datasets and built-in tasks).")
-    question_field: str = _opt("question", "Field holding the question.")
-    answer_field: str = _opt("answer", "Field holding the gold answer ('… #### 42' is parsed).")
-    system_prompt: str = _opt("reasoning", "Built-in prompt name (prompts/NAME.txt) or a file.")
-    limit: int | None = _opt(None, "Evaluate only the first N questions.", at_least=1)
+    dataset_config: str | None = option(None, "Hub dataset configuration (GSM8K: main).")
+    split: str = option("test", "Held-out split (hub datasets and built-in tasks).")
+    question_field: str = option("question", "Field holding the question.")
+    answer_field: str = option("answer", "Field holding the gold answer ('… #### 42' is parsed).")
+    system_prompt: str = option("reasoning", "Built-in prompt name (prompts/NAME.txt) or a file.")
+    limit: int | None = option(None, "Evaluate only the first N questions.", at_least=1)
     # Qwen2.5's GSM8K answers run ~270 tokens (57% would be cut at 256); 512 fits most.
-    max_completion_tokens: int = _opt(512, "Completion length limit in tokens.", at_least=1)
-    samples: int = _opt(
+    max_completion_tokens: int = option(512, "Completion length limit in tokens.", at_least=1)
+    samples: int = option(
         1, "Completions per question: 1 is greedy; K > 1 samples for pass@K.", at_least=1
     )
-    temperature: float = _opt(0.7, "Sampling temperature when --samples > 1.", above=0)
-    batch_size: int = _opt(16, "Questions generated together.", at_least=1)
-    seed: int = _opt(0, "Sampling seed (and task generation seed).", at_least=0)
-    output: str | None = _opt(None, "Folder for eval.json and eval_samples.jsonl.")
-    compare: bool = _opt(False, "Also evaluate the base model (adapters off), side by side.")
+    temperature: float = option(0.7, "Sampling temperature when --samples > 1.", above=0)
+    batch_size: int = option(16, "Questions generated together.", at_least=1)
+    seed: int = option(0, "Sampling seed (and task generation seed).", at_least=0)
+    output: str | None = option(None, "Folder for eval.json and eval_samples.jsonl.")
+    compare: bool = option(False, "Also evaluate the base model (adapters off), side by side.")
 
     def validate(self) -> "EvalConfig":
         check_ranges(self)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import json
 import os
 import re
@@ -19,7 +18,6 @@ import socket
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +25,10 @@ import numpy as np
 
 from .answers import parse_gsm8k_answer
 from .errors import ReasonerError
+from .examples import TASK_PREFIX, Example, question_hash
+from .tasks import task_examples
 
 GSM8K = "openai/gsm8k"
-TASK_PREFIX = "task:"
 # Generated tasks are unlimited; these sizes apply when no limit is given.
 DEFAULT_TASK_TRAIN_SIZE = 5000
 DEFAULT_TASK_TEST_SIZE = 500
@@ -39,23 +38,6 @@ _FIELD_HINT = "pass --question-field/--answer-field to name the right columns"
 # A hub error can be a page of text; the CLI shows one line.
 _MAX_INNER_MESSAGE = 200
 _HUB_PROBE_TIMEOUT_S = 3.0
-
-
-@dataclass(frozen=True)
-class Example:
-    """One training or evaluation problem.
-
-    Attributes:
-        question: The problem text shown to the model.
-        answer: The gold answer, already parsed (GSM8K ``'... #### 42'`` becomes ``'42'``).
-        reasoning: A worked solution for supervised warm-start, or ``""`` when there is none.
-    """
-
-    question: str
-    answer: str
-    reasoning: str = ""
-    # A whole chat for SFT, as (role, content) pairs ending with the assistant's turn.
-    messages: tuple[tuple[str, str], ...] = ()
 
 
 def load_examples(
@@ -131,20 +113,6 @@ def read_rows(
     return rows, source
 
 
-def held_out_split(dataset: str) -> str | None:
-    """Name the split to evaluate on, so that evaluation never scores training questions.
-
-    Args:
-        dataset: The dataset string given to :func:`load_examples`.
-
-    Returns:
-        ``"test"`` for a hub dataset (GSM8K has one) or a built-in task (its held-out
-        questions); ``None`` for a local file, which has no second split: cut one with
-        :func:`split_examples` instead.
-    """
-    return None if is_local_dataset(dataset) else "test"
-
-
 def is_local_dataset(dataset: str) -> bool:
     """Return whether :func:`load_examples` reads ``dataset`` from a local file.
 
@@ -197,38 +165,6 @@ def split_examples(
             "train on; lower the held-out fraction or add examples"
         )
     return train, heldout
-
-
-def normalize_question(question: str) -> str:
-    """Return the question with case and runs of whitespace ignored, for hashing and dedup.
-
-    Args:
-        question: A question as shown to the model.
-
-    Returns:
-        The lower-cased question with whitespace collapsed to single spaces.
-
-    >>> normalize_question("  How many  R's\\nin Strawberry? ")
-    "how many r's in strawberry?"
-    """
-    return " ".join(question.lower().split())
-
-
-def question_hash(question: str, seed: int = 0) -> float:
-    """Map a question to a stable number in [0, 1) that decides which split it belongs to.
-
-    Python's ``hash()`` is salted per process, so SHA-256 of the normalised text is used.
-
-    Args:
-        question: The question text; see :func:`normalize_question`.
-        seed: Salt that gives an independent split.
-
-    Returns:
-        A uniform-looking value in [0, 1), the same on every machine and run.
-    """
-    text = f"{seed}\x00{normalize_question(question)}".encode()
-    digest = hashlib.sha256(text).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def batch_iterator(examples: Sequence[Example], batch_size: int, seed: int) -> BatchSampler:
@@ -345,9 +281,6 @@ class BatchSampler:
 
 def _load_task(dataset: str, split: str, limit: int | None, seed: int) -> list[Example]:
     """Generate a built-in task's examples from ``task:NAME`` or ``task:NAME:COUNT``."""
-    # tasks imports this module for Example, so it is imported here, not at the top.
-    from .tasks import task_examples
-
     name, _, count_text = dataset[len(TASK_PREFIX) :].partition(":")
     count = None
     if count_text:

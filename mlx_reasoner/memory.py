@@ -394,7 +394,7 @@ def left_out_bytes(shape: ModelShape, options: StepOptions) -> int:
 
 def logits_bytes(shape: ModelShape, options: StepOptions) -> int:
     """The vocabulary projection's float32 logits at the peak of a micro-batch's training pass."""
-    from .loss import logits_chunk
+    from .logprobs import logits_chunk
 
     rows = min(options.micro_batch_size, options.completions)
     positions = _round_up(options.max_completion_tokens, TRAIN_PAD)
@@ -627,7 +627,7 @@ def compiles_training_pass(shape: ModelShape) -> bool:
 def step_options(config, prompt_tokens: int, shape: ModelShape | None = None) -> StepOptions:
     """The ``StepOptions`` of a train (or bench) config on this device (``shape`` decides
     whether the training pass is compiled; without it, as compiled)."""
-    from .rollout import compiled_decode_default
+    from .backend import uses_compiled_decode
 
     layers, rank = _lora_layout(config)
     compile = bool(getattr(config, "compile", True))
@@ -636,7 +636,7 @@ def step_options(config, prompt_tokens: int, shape: ModelShape | None = None) ->
         prompt_tokens,
         lora_layers=layers,
         lora_rank=rank,
-        compiled_decode=compile and compiled_decode_default(),
+        compiled_decode=compile and uses_compiled_decode(),
         compiled_training=compile and (shape is None or compiles_training_pass(shape)),
     )
 

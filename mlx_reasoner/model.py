@@ -6,19 +6,18 @@ bypassed, so no second copy of the model is ever held in memory.
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .config import DEFAULT_LORA_LAYERS
 from .errors import ReasonerError
 
-# Every linear layer of a block; names follow mlx-lm's Llama/Qwen family.
+# mlx-lm's default LoRA output scale.
 LORA_SCALE = 20.0
-# mlx-lm's default number of adapted blocks; a shallower model gets all of its blocks.
-DEFAULT_LORA_LAYERS = 16
 
 
 def _looks_local(name: str) -> bool:
@@ -224,44 +223,6 @@ def reference_policy(
     return modules_replaced(model, lambda m: isinstance(m, LoRALinear), frozen)
 
 
-class _AddmmLoRA(nn.Module):
-    """A LoRA layer's forward on 2-D rows, its low-rank term added by one ``mx.addmm``.
-
-    mlx-lm's ``LoRALinear`` computes ``linear(x) + scale * ((x A) B)`` on ``[B, L, D]`` inputs;
-    every matmul of a 3-D input by a 2-D weight adds a flatten and an unflatten to the graph,
-    and the scaled add is a node of its own. At a decode step (a few rows, where each node's
-    fixed cost is most of its time) this does the same on the rows as one ``[B * L, D]``
-    matrix, with ``addmm(linear(x), x A, B, alpha=scale)``: three nodes fewer per layer. It
-    shares the wrapped layer's arrays, so adapter updates reach it. Inputs whose dtypes differ
-    from the adapter's take the wrapped layer's own forward.
-    """
-
-    def __init__(self, lora: nn.Module):
-        super().__init__()
-        self.lora = lora
-
-    def __call__(self, x: mx.array) -> mx.array:
-        lora = self.lora
-        if not (x.dtype == lora.lora_a.dtype == lora.lora_b.dtype):
-            return lora(x)
-        rows = x.reshape(-1, x.shape[-1])
-        base = lora.linear(rows)
-        if base.dtype != x.dtype:
-            return lora(x)
-        low_rank = lora.dropout(rows) @ lora.lora_a
-        out = mx.addmm(base, low_rank, lora.lora_b, alpha=lora.scale)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-def lora_as_addmm(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-    """Run every mlx-lm ``LoRALinear`` of ``model`` as ``_AddmmLoRA`` (same numbers to float
-    rounding, fewer graph nodes), then put the layers back; the rollout's compiled decode
-    step runs inside it."""
-    from mlx_lm.tuner.lora import LoRALinear
-
-    return modules_replaced(model, lambda m: type(m) is LoRALinear, _AddmmLoRA)
-
-
 def load_adapters(model: nn.Module, adapter_path: str) -> dict:
     """Attach the LoRA layers an adapter folder describes and load its weights.
 
@@ -293,3 +254,18 @@ def adapter_weights(model: nn.Module) -> dict:
 
 def read_adapter_config(adapter_path: str) -> dict:
     return json.loads((Path(adapter_path) / "adapter_config.json").read_text())
+
+
+def prefill_prompt(model: nn.Module, prompt: Sequence[int], step_size: int = 2048) -> list:
+    """Run a prompt (all but its last token) through the model once and return its KV cache.
+
+    The last token is left out: the generator feeds it to produce the first completion token.
+    """
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    tokens = mx.array(prompt[:-1])[None]
+    for start in range(0, tokens.shape[1], step_size):
+        model(tokens[:, start : start + step_size], cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache

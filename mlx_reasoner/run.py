@@ -14,18 +14,17 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .blas import blas_info
+from . import backend
 from .checkpoints import JsonlWriter, atomic_write_json, prepare_run_dir, save_adapters
 from .config import TrainConfig
-from .cpu_math import fast_activations_apply
 from .errors import ReasonerError
-from .loss import row_streams
 
 if TYPE_CHECKING:
     from .trainer import StepHooks
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict:
+    """Library versions and what the backend applies, for the run's ``config.json``."""
     import mlx_lm
 
     from . import __version__
@@ -37,9 +36,7 @@ def _versions() -> dict[str, str]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(mx.default_device()),
-        "blas": blas_info().as_dict(),
-        "activations": "fast exp (cpu_math)" if fast_activations_apply() else "mlx-lm",
-        "training_streams": row_streams(),  # loss.completion_logprobs's rows split over these
+        **backend.describe(),
     }
 
 
@@ -416,7 +413,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
                     "num_eval_examples": len(held_out),
                     "trainable_parameters": int(trainable),
                     "lora": lora,
-                    "versions": _versions(),
+                    "versions": versions(),
                 },
             )
         display = TrainDisplay(
@@ -448,7 +445,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
                         else "off"
                     ),
                     "device": str(mx.default_device()),
-                    "BLAS": blas_info().name,
+                    "BLAS": backend.blas_summary()["name"],
                 }
             )
             try:

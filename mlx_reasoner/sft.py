@@ -16,7 +16,7 @@ import numpy as np
 
 from .data import BatchSampler, Example
 from .errors import ReasonerError
-from .loss import PackedBatch, completion_logprobs, pack_sequences
+from .logprobs import PackedBatch, completion_logprobs, pack_sequences
 from .prompts import encode_prompt
 from .trainer import StepHooks, current_learning_rate, make_optimizer
 

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 
-from .data import TASK_PREFIX, Example, normalize_question, question_hash
 from .errors import ReasonerError
+from .examples import TASK_PREFIX, Example, normalize_question, question_hash
 
 HELDOUT_FRACTION = 0.1
 # A walk gives up after this many draws in a row without a new question of the split.

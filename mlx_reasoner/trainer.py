@@ -17,17 +17,15 @@ from mlx.utils import tree_map
 
 from .advantages import group_advantages, groups_with_spread, zero_std_fraction
 from .config import TrainConfig
-from .loss import (
-    LossConfig,
-    Normalizer,
+from .logprobs import (
     PackedBatch,
     completion_logprobs,
-    grpo_loss,
     pack_groups,
     pack_sequences,
     shared_prompts_supported,
 )
 from .model import parameter_count, reference_policy
+from .objective import LossConfig, Normalizer, grpo_loss
 from .rollout import Rollouts, generate_groups, merge_rollouts
 
 
@@ -117,8 +115,11 @@ class GradientComputer:
         self._step = mx.compile(step, inputs=state, outputs=state) if compile else step
 
     @classmethod
-    def for_config(cls, model: nn.Module, config: TrainConfig) -> "GradientComputer":
-        """The computer ``config`` asks for: its loss, temperature, compilation and layout."""
+    def for_config(
+        cls, model: nn.Module, config: TrainConfig, share_prompts: bool
+    ) -> "GradientComputer":
+        """The computer ``config`` asks for: its loss, temperature and compilation, in the
+        layout the caller chose (``use_shared_prompts`` checks the model for it)."""
         loss_config = LossConfig(
             config.epsilon,
             config.epsilon_high,
@@ -132,7 +133,7 @@ class GradientComputer:
             loss_config,
             config.temperature,
             compile=config.compile and compile_training_pass(parameter_count(model)),
-            share_prompts=use_shared_prompts(model, config),
+            share_prompts=share_prompts,
         )
 
     def __call__(
@@ -683,7 +684,7 @@ def train(
 
     optimizer = optimizer or make_optimizer(config, config.num_iterations)
     hooks = hooks or StepHooks(config, display)
-    grads = GradientComputer.for_config(model, config)
+    grads = GradientComputer.for_config(model, config, use_shared_prompts(model, config))
     sampler = make_sampler(
         config.temperature, top_p=config.top_p, min_p=config.min_p, top_k=config.top_k
     )

@@ -75,7 +75,7 @@ def show_slow_blas_notice(command: str, console: Console | None = None) -> bool:
     Returns:
         Whether a notice was printed.
     """
-    from .blas import slow_blas_notice
+    from .backend import slow_blas_notice
 
     notice = slow_blas_notice(command)
     if notice is None:

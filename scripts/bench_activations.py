@@ -3,7 +3,9 @@
 Usage: python scripts/bench_activations.py real|toy ROUNDS
 """
 
-import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+from mlx_reasoner import backend  # noqa: I001
+
+backend.start()  # first: the fast BLAS must load before anything imports mlx
 
 import os
 import sys
@@ -14,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import qwen2
 
-from mlx_reasoner.loss import completion_logprobs, pack_groups
+from mlx_reasoner.logprobs import completion_logprobs, pack_groups
 from mlx_reasoner.model import attach_lora, lora_config
 
 shape = sys.argv[1]

@@ -11,7 +11,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_reasoner.loss import completion_logprobs
+from mlx_reasoner.logprobs import completion_logprobs
 
 layers = int(sys.argv[1])
 m = lora_model(layers)

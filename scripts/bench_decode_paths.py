@@ -3,7 +3,9 @@
 Usage: python scripts/bench_decode_paths.py MODEL_DIR ROWS TOKENS ROUNDS
 """
 
-import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+from mlx_reasoner import backend  # noqa: I001
+
+backend.start()  # first: the fast BLAS must load before anything imports mlx
 
 import os
 import sys
@@ -13,8 +15,8 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 
-from mlx_reasoner import blas
-from mlx_reasoner.blas import set_threads
+from mlx_reasoner.engine import blas
+from mlx_reasoner.engine.blas import set_threads
 from mlx_reasoner.model import attach_lora, lora_config
 from mlx_reasoner.rollout import generate_groups
 

@@ -8,7 +8,9 @@ prompt x ROWS completions of TOKENS tokens (forced to full length): "chosen" let
 ``OPENBLAS_NUM_THREADS=1`` would. Prints each round's seconds and their ratio.
 """
 
-import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+from mlx_reasoner import backend  # noqa: I001
+
+backend.start()  # first: the fast BLAS must load before anything imports mlx
 
 import sys
 import time
@@ -17,7 +19,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 
-from mlx_reasoner import blas
+from mlx_reasoner.engine import blas
 from mlx_reasoner.model import attach_lora, lora_config
 from mlx_reasoner.rollout import generate_groups
 

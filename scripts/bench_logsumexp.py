@@ -4,14 +4,16 @@ gradient, in turns).
 Usage: python scripts/bench_logsumexp.py V [V ...]
 """
 
-import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+from mlx_reasoner import backend  # noqa: I001
+
+backend.start()  # first: the fast BLAS must load before anything imports mlx
 
 import sys
 import time
 
 import mlx.core as mx
 
-from mlx_reasoner.cpu_math import exp_polynomial
+from mlx_reasoner.engine.cpu_math import exp_polynomial
 
 
 @mx.custom_function

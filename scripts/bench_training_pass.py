@@ -12,7 +12,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_reasoner.loss import completion_logprobs
+from mlx_reasoner.logprobs import completion_logprobs
 
 blocks = int(sys.argv[1])
 model = lora_model(blocks)

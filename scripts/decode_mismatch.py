@@ -9,7 +9,9 @@ largest absolute gap and the k3 estimate of KL(decode || training pass), per tok
 ``train`` logs as ``mismatch_abs`` and ``mismatch_kl``.
 """
 
-import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+from mlx_reasoner import backend  # noqa: I001
+
+backend.start()  # first: the fast BLAS must load before anything imports mlx
 
 import argparse
 import json
@@ -20,7 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_reasoner.loss import completion_logprobs, pack_sequences
+from mlx_reasoner.logprobs import completion_logprobs, pack_sequences
 from mlx_reasoner.model import attach_lora, lora_config
 from mlx_reasoner.rollout import generate_groups
 

@@ -6,7 +6,9 @@ FIELD is a ``DemoRecipe`` field (``dynamic_sampling=true``, ``grpo_steps=30``, .
 runs in OUT_DIR/seed-N; one JSON line per seed is printed and appended to OUT_DIR/seeds.jsonl.
 """
 
-import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+from mlx_reasoner import backend  # noqa: I001
+
+backend.start()  # first: the fast BLAS must load before anything imports mlx
 
 import argparse
 import dataclasses
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from mlx_reasoner.demo import DemoRecipe, run_demo
+from mlx_reasoner.showcase.demo import DemoRecipe, run_demo
 
 
 def parse_value(field: dataclasses.Field, text: str):

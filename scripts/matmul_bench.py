@@ -10,7 +10,8 @@ import os
 import platform
 
 # Importing the package first is what loads the fast BLAS, before mlx is imported.
-from mlx_reasoner.blas import describe, matmul_gflops
+from mlx_reasoner.engine.blas import describe
+from mlx_reasoner.showcase.bench import matmul_gflops
 
 
 def main() -> None:

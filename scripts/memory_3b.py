@@ -17,7 +17,9 @@ AdamW) for the training pass. ``mx.get_peak_memory`` is read per phase and set b
 Memory figures do not depend on what else the machine runs; the times printed do.
 """
 
-import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+from mlx_reasoner import backend  # noqa: I001
+
+backend.start()  # first: the fast BLAS must load before anything imports mlx
 
 import argparse
 import dataclasses
@@ -33,8 +35,13 @@ from mlx_reasoner.config import TrainConfig
 from mlx_reasoner.memory import GB, ModelShape, StepOptions, estimate_step, step_options
 from mlx_reasoner.model import attach_lora, lora_config
 from mlx_reasoner.rollout import Rollouts, generate_groups
-from mlx_reasoner.shapes import model_args, random_weights
-from mlx_reasoner.trainer import GradientComputer, make_optimizer, policy_update
+from mlx_reasoner.showcase.shapes import model_args, random_weights
+from mlx_reasoner.trainer import (
+    GradientComputer,
+    make_optimizer,
+    policy_update,
+    use_shared_prompts,
+)
 
 SHAPE = "3B"
 DTYPE = "bfloat16"
@@ -101,7 +108,7 @@ def measure_training(model, config: TrainConfig, prompt_tokens: int, rng) -> flo
     )
     advantages = np.linspace(-1.0, 1.0, rows).astype(np.float32)
     optimizer = make_optimizer(config)
-    grads = GradientComputer.for_config(model, config)
+    grads = GradientComputer.for_config(model, config, use_shared_prompts(model, config))
     mx.clear_cache()
     mx.reset_peak_memory()
     policy_update(model, optimizer, grads, rollouts, advantages, config)

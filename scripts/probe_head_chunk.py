@@ -3,7 +3,9 @@
 Usage: python scripts/probe_head_chunk.py [ROWS] [POSITIONS]   (default 4 32)
 """
 
-import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+from mlx_reasoner import backend  # noqa: I001
+
+backend.start()  # first: the fast BLAS must load before anything imports mlx
 
 import sys
 import time

@@ -5,14 +5,16 @@ Imported by the scripts beside it (``python scripts/NAME.py`` puts this folder o
 It imports ``mlx_reasoner`` before mlx, so the scripts measure the fast BLAS.
 """
 
-import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+from mlx_reasoner import backend  # noqa: I001
+
+backend.start()  # first: the fast BLAS must load before anything imports mlx
 import mlx.core as mx
 import numpy as np
 from mlx_lm.models import qwen2
 
-from mlx_reasoner.loss import PackedBatch, pack_groups
+from mlx_reasoner.logprobs import PackedBatch, pack_groups
 from mlx_reasoner.model import attach_lora, lora_config
-from mlx_reasoner.shapes import model_args
+from mlx_reasoner.showcase.shapes import model_args
 
 
 def lora_model(num_layers: int, rank: int = 8) -> qwen2.Model:

@@ -2,7 +2,9 @@
 and, where ``../shared/real`` is present, the real Qwen2.5 tokenizer and GSM8K with a small model
 on the real vocabulary."""
 
-import mlx_reasoner  # noqa: F401, I001  (first: loads the fast BLAS before mlx)
+from mlx_reasoner import backend
+
+backend.start()  # noqa: E402, I001  (first: loads the fast BLAS before anything imports mlx)
 
 from pathlib import Path
 
@@ -13,8 +15,8 @@ from mlx.utils import tree_map
 
 from mlx_reasoner.checkpoints import save_adapters
 from mlx_reasoner.model import adapter_weights, attach_lora, lora_config
-from mlx_reasoner.shapes import build_shaped_model
-from mlx_reasoner.tiny import build_tiny_model
+from mlx_reasoner.showcase.shapes import build_shaped_model
+from mlx_reasoner.showcase.tiny import build_tiny_model
 
 # The real Qwen2.5 tokenizer, GSM8K and configs, next to the project (absent on users' machines).
 REAL_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "real"

@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from mlx_reasoner.bench import BenchConfig, build_bench_model, run_bench
 from mlx_reasoner.cli import main
+from mlx_reasoner.showcase.bench import BenchConfig, build_bench_model, run_bench
 
 POSITIVE_FIGURES = [
     "rollout_tokens_per_s",

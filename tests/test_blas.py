@@ -12,8 +12,8 @@ from importlib import metadata
 import numpy as np
 import pytest
 
-from mlx_reasoner import blas
-from mlx_reasoner.blas import (
+from mlx_reasoner.engine import blas
+from mlx_reasoner.engine.blas import (
     ENV_VAR,
     MLX_IMPORTED_FIRST,
     OFF_VALUES,
@@ -29,9 +29,11 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 PROBE = """
 import json
 {before}
-import mlx_reasoner.cli
+from mlx_reasoner import backend
+backend.start()
 import mlx.core as mx
-from mlx_reasoner.blas import blas_info, matmul_gflops
+from mlx_reasoner.engine.blas import blas_info
+from mlx_reasoner.showcase.bench import matmul_gflops
 
 key_a, key_b, key_c = mx.random.split(mx.random.key(7), 3)
 a = mx.random.normal((64, 96), key=key_a)  # [64, 96]
@@ -128,7 +130,7 @@ def test_env_var_off_keeps_reference_blas():
 def test_mlx_imported_first_is_explained():
     info = probe(None, before="import mlx.core")["info"]
     assert not info["enabled"]
-    assert info["reason"].startswith(f"{MLX_IMPORTED_FIRST}; import mlx_reasoner first")
+    assert info["reason"].startswith(f"{MLX_IMPORTED_FIRST}; call mlx_reasoner.backend.start()")
     assert "LD_PRELOAD=" in info["reason"]
 
 
@@ -149,7 +151,7 @@ def test_openblas_is_faster_and_gives_the_same_numbers():
     np.testing.assert_allclose(fast["product"], reference["product"], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(fast["inverse"], reference["inverse"], rtol=1e-4, atol=1e-6)
     if os.environ.get(ENV_VAR, "1").strip().lower() not in OFF_VALUES:
-        assert blas_info().enabled, "conftest should import mlx_reasoner before mlx"
+        assert blas_info().enabled, "conftest should start the backend before importing mlx"
 
 
 def mlx_fortran_runtime() -> bytes:
@@ -196,7 +198,7 @@ def test_soname_rewrite_refuses_what_it_cannot_do():
 # own path, then checks MLX's matmul and LAPACK calls against numpy. Prints one JSON line.
 BUNDLED_PROBE = """
 import ctypes, json, sys
-from mlx_reasoner import blas
+from mlx_reasoner.engine import blas
 assert "mlx.core" not in sys.modules
 runtime = blas.load_bundled_fortran_runtime()
 openblas = blas._cmeel_openblas()
@@ -251,7 +253,8 @@ def test_two_processes_starting_at_once_both_get_openblas():
     """Nothing is written to disk, so simultaneous starts cannot race."""
     env = {key: value for key, value in os.environ.items() if key not in (ENV_VAR, "LD_PRELOAD")}
     code = (
-        "import json, mlx_reasoner, mlx.core as mx; from mlx_reasoner.blas import blas_info;"
+        "import json; from mlx_reasoner import backend; backend.start(); import mlx.core as mx;"
+        "from mlx_reasoner.engine.blas import blas_info;"
         "mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8))); print(json.dumps(blas_info().as_dict()))"
     )
     children = [

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_reasoner import blas, blas_alias
+from mlx_reasoner.engine import blas, blas_alias
 
 x86_linux = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.machine() != "x86_64",
@@ -68,13 +68,14 @@ def test_undefined_symbols_of_libmlx_include_its_blas_calls():
 # cmeel-openblas on an AVX-512 CPU), then checks MLX's matmul and LAPACK calls against numpy.
 ALIAS_PROBE = """
 import json, sys
-from mlx_reasoner import blas
+from mlx_reasoner.engine import blas
 assert "mlx.core" not in sys.modules
 candidate = blas._scipy_openblas()
 assert candidate.problem is None, candidate.problem
 library = blas._load_aliased(candidate)
 import mlx.core as mx
 import numpy as np
+from mlx_reasoner.showcase.bench import matmul_gflops
 maps = open("/proc/self/maps").read()
 a = np.random.default_rng(0).normal(size=(256, 192)).astype(np.float32)
 square = a.T @ a + 192 * np.eye(192, dtype=np.float32)
@@ -83,7 +84,7 @@ inverse = mx.linalg.inv(mx.array(square), stream=mx.cpu)
 print(json.dumps({
     "alias_mapped": "mlx_reasoner_blas_alias.so" in maps,
     "scipy_mapped": candidate.target in maps,
-    "gflops": blas.matmul_gflops(512, repeats=7),
+    "gflops": matmul_gflops(512, repeats=7),
     "product_error": float(np.abs(np.array(product) - a.T @ a).max()),
     "inverse_error": float(np.abs(np.array(inverse) @ square - np.eye(192)).max()),
 }))
@@ -116,6 +117,6 @@ def test_mlx_calls_scipy_openblas_through_the_alias():
 
 ALIAS_PROBE_REFERENCE = """
 import json
-from mlx_reasoner import blas
-print(json.dumps({"gflops": blas.matmul_gflops(512, repeats=7)}))
+from mlx_reasoner.showcase.bench import matmul_gflops
+print(json.dumps({"gflops": matmul_gflops(512, repeats=7)}))
 """

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from mlx_lm.models.activations import swiglu
 
-from mlx_reasoner import cpu_math
-from mlx_reasoner.cpu_math import cpu_swiglu, exp_polynomial, fast_activations
+from mlx_reasoner.engine import cpu_math
+from mlx_reasoner.engine.cpu_math import cpu_swiglu, exp_polynomial, fast_activations
 
 # Each exponential cpu_math chooses from: the polynomial for every size, or power for every size.
 EXPONENTIALS = {"polynomial": 0, "power": 10**12}
@@ -69,7 +69,7 @@ def test_the_swap_lasts_only_while_the_context_is_open(tiny_model, monkeypatch):
     monkeypatch.setattr(cpu_math, "fast_activations_apply", lambda: True)
     from mlx_lm.models.base import scaled_dot_product_attention
 
-    from mlx_reasoner.cpu_math import cpu_attention
+    from mlx_reasoner.engine.cpu_math import cpu_attention
 
     with fast_activations(model):
         assert module.swiglu is cpu_swiglu
@@ -151,7 +151,7 @@ def some_masks(heads, length, width):
 def test_cpu_attention_matches_mlx_lm(heads, kv_heads, length, width, exponential):
     from mlx_lm.models.base import scaled_dot_product_attention as sdpa
 
-    from mlx_reasoner.cpu_math import cpu_attention
+    from mlx_reasoner.engine.cpu_math import cpu_attention
 
     q, k, v = attention_inputs(heads, kv_heads, length, width)
     for name, mask in some_masks(heads, length, width).items():
@@ -170,11 +170,11 @@ def test_cpu_attention_matches_mlx_lm(heads, kv_heads, length, width, exponentia
 def test_shared_rope_gives_mx_fast_rope_exactly(dims, head_dim, length):
     import mlx.nn as nn
 
-    from mlx_reasoner.cpu_math import _RopeAngles, _SharedRoPE
+    from mlx_reasoner.engine.cpu_math import RopeAngles, SharedRoPE
 
     mx.random.seed(3)
     rope = nn.RoPE(dims, base=10000.0, scale=0.5)
-    shared = _SharedRoPE(rope, _RopeAngles())
+    shared = SharedRoPE(rope, RopeAngles())
     offset = mx.array([0, 7, 130], dtype=mx.int32)
     for heads in (4, 2):  # queries, then keys: the second call reuses the angles
         x = mx.random.normal((3, heads, length, head_dim))
@@ -186,14 +186,14 @@ def test_shared_rope_gives_mx_fast_rope_exactly(dims, head_dim, length):
 def test_shared_rope_swaps_only_plain_rope_and_puts_it_back(tiny_model):
     import mlx.nn as nn
 
-    from mlx_reasoner.cpu_math import shared_rope
+    from mlx_reasoner.engine.cpu_math import shared_rope
 
     model, _ = tiny_model
     tokens = mx.array([[3, 5, 7, 11]])
     before = model(tokens)
     with shared_rope(model):
         kinds = {type(layer.self_attn.rope).__name__ for layer in model.layers}
-        assert kinds == {"_SharedRoPE"}
+        assert kinds == {"SharedRoPE"}
         assert mx.array_equal(model(tokens), before).item()  # no cache: rope's own path
     assert all(type(layer.self_attn.rope) is nn.RoPE for layer in model.layers)
 
@@ -210,7 +210,7 @@ def test_shared_rope_swaps_only_plain_rope_and_puts_it_back(tiny_model):
     ],
 )
 def test_which_weights_openblas_packs_when_transposed(out_features, in_features, rows, packed):
-    assert cpu_math._packed_when_transposed(out_features, in_features, rows) is packed
+    assert cpu_math.packed_when_transposed(out_features, in_features, rows) is packed
 
 
 def test_small_weights_transposed_gives_the_same_logits_and_puts_the_layers_back(
@@ -218,7 +218,7 @@ def test_small_weights_transposed_gives_the_same_logits_and_puts_the_layers_back
 ):
     import mlx.nn as nn
 
-    from mlx_reasoner.cpu_math import small_weights_transposed
+    from mlx_reasoner.engine.cpu_math import small_weights_transposed
 
     monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: True)
     model, _ = tiny_model
@@ -247,8 +247,8 @@ def test_small_weights_transposed_gives_the_same_logits_and_puts_the_layers_back
 def test_small_weights_transposed_needs_openblas_on_the_cpu(tiny_model, monkeypatch):
     import dataclasses
 
-    from mlx_reasoner import blas
-    from mlx_reasoner.cpu_math import small_weights_apply, small_weights_transposed
+    from mlx_reasoner.engine import blas
+    from mlx_reasoner.engine.cpu_math import small_weights_apply, small_weights_transposed
 
     model, _ = tiny_model
     reference = dataclasses.replace(blas.blas_info(), name=blas.REFERENCE_NAME, enabled=False)
@@ -263,7 +263,7 @@ def test_small_weights_transposed_takes_an_untied_head_and_leaves_the_embedding(
     import mlx.nn as nn
     from mlx_lm.models import qwen2
 
-    from mlx_reasoner.cpu_math import small_weights_transposed
+    from mlx_reasoner.engine.cpu_math import small_weights_transposed
 
     monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: True)
     mx.random.seed(1)
@@ -292,7 +292,7 @@ def test_small_weights_transposed_takes_an_untied_head_and_leaves_the_embedding(
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 def test_row_major_copies_a_transposed_matrix_exactly(dtype):
     """The multiplication by one gives every value back: large, tiny, infinite, NaN, -0."""
-    from mlx_reasoner.cpu_math import row_major
+    from mlx_reasoner.engine.cpu_math import row_major
 
     special = mx.array([[float("inf"), float("-inf"), float("nan"), -0.0, 1e-30, 3e4]])
     matrix = mx.concatenate([mx.random.normal((7, 6)) * 1e3, special]).astype(dtype)  # [8, 6]

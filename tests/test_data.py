@@ -19,13 +19,11 @@ from mlx_reasoner.data import (
     BatchSampler,
     Example,
     batch_iterator,
-    held_out_split,
     load_examples,
-    normalize_question,
-    question_hash,
     split_examples,
 )
 from mlx_reasoner.errors import ReasonerError
+from mlx_reasoner.examples import normalize_question, question_hash
 
 ROWS = [
     {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"},
@@ -384,18 +382,6 @@ def test_task_split_other_than_train_is_the_held_out_one():
     assert load_examples("task:arithmetic", split="validation", limit=5) == load_examples(
         "task:arithmetic", split="test", limit=5
     )
-
-
-def test_held_out_split(tmp_path):
-    assert not data.is_local_dataset("task:arithmetic")
-    assert not data.is_local_dataset("openai/gsm8k")
-    assert data.is_local_dataset(str(tmp_path / "missing.parquet"))
-    assert data.is_local_dataset(str(tmp_path))
-    assert held_out_split("openai/gsm8k") == "test"
-    assert held_out_split("gsm8k") == "test"
-    assert held_out_split("task:letter-count") == "test"
-    assert held_out_split(str(tmp_path / "missing.jsonl")) is None
-    assert held_out_split(str(write_csv(tmp_path / "d.csv", ROWS))) is None
 
 
 def test_question_hash_is_stable_and_ignores_case_and_spacing():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlx_reasoner import blas
+from mlx_reasoner.engine import blas
 
 
 class FakeMachine:

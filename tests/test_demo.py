@@ -12,9 +12,9 @@ import pytest
 from mlx.utils import tree_flatten
 from rich.console import Console
 
-from mlx_reasoner.demo import DemoRecipe, run_demo, warm_start
 from mlx_reasoner.model import load_model
-from mlx_reasoner.tiny import build_tiny_model
+from mlx_reasoner.showcase.demo import DemoRecipe, run_demo, warm_start
+from mlx_reasoner.showcase.tiny import build_tiny_model
 
 SHORT = DemoRecipe(
     hidden_size=32,

@@ -8,7 +8,8 @@ These machines have no GPU, so the device MLX reports is stood in for at the Pyt
 import mlx.core as mx
 import pytest
 
-from mlx_reasoner import cpu_math, fused_decode, loss, rollout
+from mlx_reasoner import rollout
+from mlx_reasoner.engine import compiled_decode, cpu_math, fused_decode, streams
 from mlx_reasoner.model import attach_lora, lora_config, parameter_count
 
 
@@ -20,16 +21,16 @@ def on_gpu(monkeypatch):
 def test_the_cpu_paths_are_on_here():
     # The gates below can only be shown to close if they are open on this CPU machine.
     assert fused_decode.fused_decode_apply()
-    assert rollout.compiled_decode_default()
-    assert loss.row_streams() >= 1
+    assert compiled_decode.compiled_decode_default()
+    assert streams.row_streams() >= 1
 
 
 def test_no_cpu_path_is_chosen_on_a_gpu(on_gpu):
     assert not fused_decode.fused_decode_apply()
-    assert not rollout.compiled_decode_default()
+    assert not compiled_decode.compiled_decode_default()
     assert not cpu_math.fast_activations_apply()
     assert not cpu_math.small_weights_apply()
-    assert loss.row_streams() == 1
+    assert streams.row_streams() == 1
 
 
 def test_a_rollout_on_a_gpu_takes_mlx_lms_batch_generator(tiny_model, on_gpu):
@@ -39,7 +40,7 @@ def test_a_rollout_on_a_gpu_takes_mlx_lms_batch_generator(tiny_model, on_gpu):
     rollouts = rollout.generate_groups(model, tokenizer, [prompt], 2, 4)
     assert rollouts.decoder == "BatchGenerator"
     with cpu_math.shared_rope(model):
-        assert not any(type(m).__name__ == "_SharedRoPE" for _, m in model.named_modules())
+        assert not any(type(m).__name__ == "SharedRoPE" for _, m in model.named_modules())
 
 
 def test_the_training_pass_is_compiled_for_small_models_on_the_cpu(tiny_model, monkeypatch):

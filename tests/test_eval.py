@@ -212,7 +212,7 @@ def test_eval_bad_options(tiny_model_dir, eval_file, args, message):
 
 
 def test_adapter_for_another_model_is_refused(tiny_model_dir, eval_file, tmp_path):
-    from mlx_reasoner.tiny import build_tiny_model
+    from mlx_reasoner.showcase.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "wide", hidden_size=96)
     import mlx_lm

@@ -8,8 +8,8 @@ import pytest
 from mlx.utils import tree_map
 from mlx_lm.models import llama, qwen2
 
-from mlx_reasoner import cpu_math, fused_decode, rollout
-from mlx_reasoner.model import attach_lora, lora_config
+from mlx_reasoner.engine import compiled_decode, cpu_math, fused_decode
+from mlx_reasoner.model import attach_lora, lora_config, prefill_prompt
 
 PROMPTS = [[3, 5, 7, 11, 13, 2, 9], [17, 19, 4], [6, 8, 10, 12]]
 
@@ -57,9 +57,9 @@ def adapted(model, layers: int = -1, keys=None, scale: float = 0.1, dropout: flo
 
 def decode(model, fused: bool, group_size: int = 2, max_tokens: int = 6):
     """Greedy tokens and every step's log-probabilities from one compiled decode step."""
-    caches = [rollout.prefill_prompt(model, p) for p in PROMPTS]
+    caches = [prefill_prompt(model, p) for p in PROMPTS]
     logprobs = []
-    tokens, reasons, name, _ = rollout._decode_compiled(
+    tokens, reasons, name, _ = compiled_decode.decode_compiled(
         model, PROMPTS, caches, group_size, max_tokens, None, frozenset(), logprobs.append, fused
     )
     return tokens, mx.stack(logprobs, axis=1), name  # [rows, steps, vocab]
@@ -144,7 +144,7 @@ def test_joined_or_apart_merged_or_not_and_each_weight_layout(
     monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: openblas != "no")
     blocks = openblas in BOUNDS
     if blocks:
-        monkeypatch.setattr(cpu_math, "_SMALL_GEMM_WORK", BOUNDS[openblas])
+        monkeypatch.setattr(cpu_math, "SMALL_GEMM_WORK", BOUNDS[openblas])
     model = adapted(small_model(tie=True))
     plan, params = fused_decode.fused_plan(model, 6)
     assert plan.joined == joined
@@ -182,7 +182,7 @@ def test_column_blocks_keep_each_product_under_openblas_small_bound(
     assert got == widths
     if got is not None:
         assert sum(got) == out_features
-        assert all(rows * in_features * w <= cpu_math._SMALL_GEMM_WORK for w in got)
+        assert all(rows * in_features * w <= cpu_math.SMALL_GEMM_WORK for w in got)
 
 
 def test_mlx_fast_attention_as_off_the_cpu(monkeypatch):
@@ -226,22 +226,24 @@ def test_the_fused_step_follows_adapter_updates():
 
 def node_count(tmp_path, model, fused: bool) -> int:
     """Graph nodes of one compiled decode step of 4 rows, as the rollout compiles it."""
-    caches = [rollout.prefill_prompt(model, PROMPTS[0])]
-    sets, write, start = rollout._fixed_buffers(caches, 4, sets=1)
+    caches = [prefill_prompt(model, PROMPTS[0])]
+    sets, write, start = compiled_decode._fixed_buffers(caches, 4, sets=1)
     keys, values = sets[0]
-    previous = rollout.last_prompt_columns(keys, values, write)
+    previous = compiled_decode.last_prompt_columns(keys, values, write)
     tokens = mx.array([PROMPTS[0][-1]] * 4, dtype=mx.uint32)
     args = (tokens, previous, keys, values, mx.array(write), start)
     if fused:
         plan, params = fused_decode.fused_plan(model, 4)
-        step = rollout._DECODERS.fused(rollout._DECODERS.entry(model), model, plan, rollout._greedy)
+        step = compiled_decode._DECODERS.fused(
+            compiled_decode._DECODERS.entry(model), model, plan, compiled_decode._greedy
+        )
         mx.eval(step(params, *args))  # the first call traces; the second runs the compiled graph
         out = step(params, *args)
     else:
-        from mlx_reasoner.model import lora_as_addmm
+        from mlx_reasoner.engine.addmm_lora import lora_as_addmm
 
         with lora_as_addmm(model), cpu_math.shared_rope(model):
-            step = rollout._DECODERS.step(model, rollout._greedy)
+            step = compiled_decode._DECODERS.step(model, compiled_decode._greedy)
             mx.eval(step(*args))
             out = step(*args)
     path = tmp_path / f"step_{fused}.dot"
@@ -294,10 +296,10 @@ def test_a_fused_step_that_fails_the_check_gives_way_to_the_module_decode(monkey
 
         return wrong
 
-    monkeypatch.setattr(rollout, "fused_step", off_by_a_little)
+    monkeypatch.setattr(compiled_decode, "fused_step", off_by_a_little)
     model = adapted(small_model())
-    assert rollout.compiled_decode_supported(model)
-    assert rollout._DECODERS.entry(model)["fused"] is False
-    caches = [rollout.prefill_prompt(model, p) for p in PROMPTS]
-    _, _, name, _ = rollout._decode_compiled(model, PROMPTS, caches, 2, 3, None, frozenset())
+    assert compiled_decode.compiled_decode_supported(model)
+    assert compiled_decode._DECODERS.entry(model)["fused"] is False
+    caches = [prefill_prompt(model, p) for p in PROMPTS]
+    _, _, name, _ = compiled_decode.decode_compiled(model, PROMPTS, caches, 2, 3, None, frozenset())
     assert name == "compiled"

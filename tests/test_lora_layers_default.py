@@ -10,9 +10,8 @@ from mlx.utils import tree_flatten
 
 from mlx_reasoner import model as model_module
 from mlx_reasoner.cli import main
-from mlx_reasoner.config import SFTConfig, TrainConfig
+from mlx_reasoner.config import DEFAULT_LORA_LAYERS, SFTConfig, TrainConfig
 from mlx_reasoner.memory import ModelShape, preflight
-from mlx_reasoner.model import DEFAULT_LORA_LAYERS
 
 # The smallest run of each command on the tiny model; --lora-layers is left to the test.
 SHORT_RUN = {

@@ -13,18 +13,20 @@ from mlx import nn
 from mlx.utils import tree_flatten
 from mlx_lm.models import qwen2
 
-from mlx_reasoner.loss import (
-    LOSS_TYPES,
-    LossConfig,
-    Normalizer,
-    clipped_surrogate,
+from mlx_reasoner.logprobs import (
     completion_logprobs,
-    grpo_loss,
     layout_tolerance,
     output_head,
     pack_groups,
     pack_sequences,
     shared_prompts_supported,
+)
+from mlx_reasoner.objective import (
+    LOSS_TYPES,
+    LossConfig,
+    Normalizer,
+    clipped_surrogate,
+    grpo_loss,
     token_kl,
 )
 
@@ -413,12 +415,6 @@ def test_micro_batch_losses_add_up_to_full_batch(loss_type):
     assert full == pytest.approx(aggregate(per_token, MB_MASK, loss_type, MAX_TOKENS), rel=1e-5)
 
 
-def test_normalizer_for_batch():
-    mask = mx.array(MB_MASK, dtype=mx.float32)
-    assert Normalizer.for_batch(mask, 6) == Normalizer(4, 10, 6)
-    assert Normalizer.for_batch(mx.zeros((2, 4)), 6) == Normalizer(2, 1, 6)
-
-
 # --- edge cases that must not produce NaN ------------------------------------------------
 
 
@@ -532,14 +528,6 @@ def test_pack_sequences_pads_to_multiple_and_keeps_positions_in_range():
     assert np.array(batch.positions).tolist() == [[6, 7, 7, 7]]
 
 
-def test_packed_batch_slice():
-    batch = pack_sequences([[1, 2, 3], [4], [5, 6]], [[7], [8, 9], [10]], np.array([1.0, 2, 3]))
-    part = batch.slice(1, 3)
-    assert len(part) == 2
-    assert np.array(part.tokens).tolist() == np.array(batch.tokens)[1:3].tolist()
-    assert np.array(part.advantages).tolist() == [2.0, 3.0]
-
-
 def test_pack_groups_layout():
     prompts = [[1, 2, 3, 4], [5, 6]]
     completions = [[7, 8], [9], [10, 11, 12]]
@@ -556,8 +544,6 @@ def test_pack_groups_layout():
     assert np.array(batch.mask).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]]
     assert np.array(batch.positions).tolist() == [[0, 1, 2, 3]] * 3
     assert np.array(batch.advantages).tolist() == [1.0, -1.0, 0.0]
-    with pytest.raises(ValueError, match="slice"):
-        batch.slice(0, 1)
     with pytest.raises(ValueError, match="at least one token"):
         pack_groups([[]], [0], [[1]], np.zeros(1))
     # A one-token prompt has an empty prefix: all padding.
@@ -812,7 +798,7 @@ def test_chunked_logprob_gradients_match_full_logits_in_head(tie):
 def test_rows_split_over_cpu_streams_give_the_same_logprobs_and_gradients(
     layout, streams, monkeypatch
 ):
-    from mlx_reasoner import loss
+    from mlx_reasoner.engine import streams as engine_streams
 
     model = tiny_qwen2(seed=6)
     prompts = [PROMPTS[g] for g in GROUP_OF]
@@ -824,7 +810,7 @@ def test_rows_split_over_cpu_streams_give_the_same_logprobs_and_gradients(
     weights = weights * batch.mask
 
     def run(setting):
-        monkeypatch.setenv(loss.ROW_STREAMS_ENV, setting)
+        monkeypatch.setenv(engine_streams.ROW_STREAMS_ENV, setting)
         logp = completion_logprobs(model, batch, 0.7, chunk_size=2)
         value, grads = nn.value_and_grad(
             model, lambda m: (completion_logprobs(m, batch, 0.7, chunk_size=2) * weights).sum()
@@ -832,8 +818,8 @@ def test_rows_split_over_cpu_streams_give_the_same_logprobs_and_gradients(
         return logp, value, dict(tree_flatten(grads))
 
     monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
-    monkeypatch.setenv(loss.ROW_STREAMS_ENV, str(streams))
-    assert [s.stop - s.start for _, s in loss._row_split(6)] == (
+    monkeypatch.setenv(engine_streams.ROW_STREAMS_ENV, str(streams))
+    assert [s.stop - s.start for _, s in engine_streams.row_split(6)] == (
         [3, 3] if streams == 2 else [2, 2, 2]
     )
     one_logp, one_value, one_grads = run("1")
@@ -846,24 +832,27 @@ def test_rows_split_over_cpu_streams_give_the_same_logprobs_and_gradients(
 
 
 def test_row_streams_setting(monkeypatch):
-    from mlx_reasoner import loss
+    from mlx_reasoner.engine import streams as engine_streams
 
     monkeypatch.setattr(mx, "default_device", lambda: mx.cpu)
-    monkeypatch.setenv(loss.ROW_STREAMS_ENV, "1")
-    assert loss.row_streams() == 1
-    assert len(loss._row_split(8)) == 1
-    monkeypatch.setenv(loss.ROW_STREAMS_ENV, "4")
-    assert [s.stop - s.start for _, s in loss._row_split(2)] == [1, 1]  # never more than the rows
-    monkeypatch.setenv(loss.ROW_STREAMS_ENV, "two")
-    assert loss.row_streams() == 1  # unreadable: no split
-    monkeypatch.delenv(loss.ROW_STREAMS_ENV)
-    monkeypatch.setattr(loss.os, "cpu_count", lambda: 2)
-    assert loss.row_streams() == 2
-    monkeypatch.setattr(loss.os, "cpu_count", lambda: 1)
-    assert loss.row_streams() == 1
+    monkeypatch.setenv(engine_streams.ROW_STREAMS_ENV, "1")
+    assert engine_streams.row_streams() == 1
+    assert len(engine_streams.row_split(8)) == 1
+    monkeypatch.setenv(engine_streams.ROW_STREAMS_ENV, "4")
+    assert [s.stop - s.start for _, s in engine_streams.row_split(2)] == [
+        1,
+        1,
+    ]  # never more than the rows
+    monkeypatch.setenv(engine_streams.ROW_STREAMS_ENV, "two")
+    assert engine_streams.row_streams() == 1  # unreadable: no split
+    monkeypatch.delenv(engine_streams.ROW_STREAMS_ENV)
+    monkeypatch.setattr(engine_streams.os, "cpu_count", lambda: 2)
+    assert engine_streams.row_streams() == 2
+    monkeypatch.setattr(engine_streams.os, "cpu_count", lambda: 1)
+    assert engine_streams.row_streams() == 1
     monkeypatch.setattr(mx, "default_device", lambda: mx.gpu)
-    monkeypatch.setattr(loss.os, "cpu_count", lambda: 8)
-    assert loss.row_streams() == 1  # a GPU: left alone
+    monkeypatch.setattr(engine_streams.os, "cpu_count", lambda: 8)
+    assert engine_streams.row_streams() == 1  # a GPU: left alone
 
 
 # --- the model's own head semantics, family by family ----------------------------------------

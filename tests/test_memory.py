@@ -122,7 +122,8 @@ def test_kv_cache_bytes_by_hand():
 
 
 def test_one_kv_set_matches_the_decode_buffers(tiny_model):
-    from mlx_reasoner.rollout import _fixed_buffers, prefill_prompt
+    from mlx_reasoner.engine.compiled_decode import _fixed_buffers
+    from mlx_reasoner.model import prefill_prompt
 
     model, _ = tiny_model
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
@@ -310,7 +311,12 @@ def test_preflight_skips_what_it_cannot_read(tmp_path):
 
 def measured_training_peak(model, options: StepOptions) -> float:
     from mlx_reasoner.rollout import Rollouts
-    from mlx_reasoner.trainer import GradientComputer, make_optimizer, policy_update
+    from mlx_reasoner.trainer import (
+        GradientComputer,
+        make_optimizer,
+        policy_update,
+        use_shared_prompts,
+    )
 
     rng = np.random.default_rng(0)
     rows = options.micro_batch_size
@@ -326,7 +332,7 @@ def measured_training_peak(model, options: StepOptions) -> float:
         micro_batch_size=rows,
     )
     optimizer = make_optimizer(config)
-    grads = GradientComputer.for_config(model, config)
+    grads = GradientComputer.for_config(model, config, use_shared_prompts(model, config))
     advantages = np.linspace(-1, 1, rows).astype(np.float32)
     mx.clear_cache()
     mx.reset_peak_memory()

@@ -9,13 +9,13 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_reasoner.checkpoints import save_adapters
+from mlx_reasoner.engine.addmm_lora import lora_as_addmm
 from mlx_reasoner.errors import ReasonerError
 from mlx_reasoner.model import (
     adapter_weights,
     adapters_disabled,
     attach_lora,
     load_model,
-    lora_as_addmm,
     lora_config,
 )
 
@@ -95,9 +95,9 @@ def test_lora_as_addmm_gives_the_lora_output_and_shares_the_adapters(tiny_model,
     tolerance = reordering_tolerance(model, TOKENS, monkeypatch)
     with lora_as_addmm(model):
         layers = [m for _, m in model.named_modules() if type(m) is LoRALinear]
-        wrapped = [m for _, m in model.named_modules() if type(m).__name__ == "_AddmmLoRA"]
+        wrapped = [m for _, m in model.named_modules() if type(m).__name__ == "AddmmLoRA"]
         assert len(wrapped) == len(layers) == 7 * len(model.layers)
-        assert type(model.layers[0].self_attn.q_proj).__name__ == "_AddmmLoRA"
+        assert type(model.layers[0].self_attn.q_proj).__name__ == "AddmmLoRA"
         assert mx.abs(model(TOKENS) - adapted).max().item() <= tolerance
         # The wrappers hold the same arrays: an update made now is seen, and kept after.
         perturb_adapters(model, amount=0.1)
@@ -148,7 +148,7 @@ def test_quantized_base_trains_as_qlora(tiny_model):
     import mlx.nn as nn
     import numpy as np
 
-    from mlx_reasoner.loss import completion_logprobs, pack_sequences
+    from mlx_reasoner.logprobs import completion_logprobs, pack_sequences
 
     model, _ = tiny_model
     nn.quantize(model, group_size=32, bits=4)

@@ -7,9 +7,9 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from mlx_reasoner import rollout
 from mlx_reasoner.cli import main
 from mlx_reasoner.data import Example
+from mlx_reasoner.engine import compiled_decode
 from mlx_reasoner.evaluate import evaluate
 from mlx_reasoner.prompts import encode_prompt, load_system_prompt
 from mlx_reasoner.rewards import REWARDS
@@ -146,7 +146,7 @@ def test_eval_scores_a_qwen_style_stop_as_correct_and_well_formed(real_vocab_mod
     monkeypatch.setattr(
         "mlx_lm.sample_utils.make_sampler", lambda *a, **k: scripted_sampler(script)
     )
-    monkeypatch.setattr(rollout, "compiled_decode_supported", lambda model: False)
+    monkeypatch.setattr(compiled_decode, "compiled_decode_supported", lambda model: False)
     result = evaluate(model, tokenizer, [Example(QUESTION, "1080")], "S", max_tokens=64, samples=2)
     assert result.summary["accuracy"] == 1.0 and result.summary["pass@2"] == 1.0
     assert result.summary["strict_format_rate"] == 1.0  # no newline after </answer> needed

@@ -1,4 +1,4 @@
-"""Random-weight model folders in the Qwen2.5 shapes (``mlx_reasoner.shapes``)."""
+"""Random-weight model folders in the Qwen2.5 shapes (``mlx_reasoner.showcase.shapes``)."""
 
 import json
 
@@ -8,8 +8,8 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.qwen2 import Model
 
-from mlx_reasoner import shapes
-from mlx_reasoner.shapes import build_shaped_model, main, model_args
+from mlx_reasoner.showcase import shapes
+from mlx_reasoner.showcase.shapes import build_shaped_model, main, model_args
 
 ARCHITECTURE_KEYS = (
     "model_type",

@@ -4,9 +4,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_reasoner.loss import pack_sequences
+from mlx_reasoner.engine.kv_buffers import CACHE_MULTIPLE
+from mlx_reasoner.logprobs import pack_sequences
 from mlx_reasoner.prompts import encode_prompt, load_system_prompt
-from mlx_reasoner.rollout import CACHE_MULTIPLE, generate_groups
+from mlx_reasoner.rollout import generate_groups
 
 
 class CountingModel:
@@ -141,7 +142,7 @@ def argmax_or_eos(eos_id: int, every: int = 3):
 
 
 def test_compiled_decode_is_used_for_plain_kv_cache_models(tiny_model):
-    from mlx_reasoner.rollout import compiled_decode_supported
+    from mlx_reasoner.engine.compiled_decode import compiled_decode_supported
 
     model, _ = tiny_model
     assert compiled_decode_supported(model)
@@ -151,7 +152,7 @@ def test_compiled_decode_is_used_for_plain_kv_cache_models(tiny_model):
 def test_compiled_decode_is_refused_for_sliding_window_caches(tiny_model):
     from mlx_lm.models.cache import RotatingKVCache
 
-    from mlx_reasoner.rollout import compiled_decode_supported
+    from mlx_reasoner.engine.compiled_decode import compiled_decode_supported
 
     model, tokenizer = tiny_model
     model.make_cache = lambda: [RotatingKVCache(max_size=8) for _ in model.layers]
@@ -219,7 +220,7 @@ def test_compiled_decode_with_transposed_small_weights_gives_the_same_tokens(
     (cpu_math.small_weights_transposed) inside the step, and the tokens stay the engine's."""
     import contextlib
 
-    from mlx_reasoner import cpu_math, rollout
+    from mlx_reasoner.engine import compiled_decode, cpu_math
 
     monkeypatch.setenv("MLX_REASONER_FUSED_DECODE", "0")  # the module decode's swap
     monkeypatch.setattr(cpu_math, "small_weights_apply", lambda: True)
@@ -231,7 +232,7 @@ def test_compiled_decode_with_transposed_small_weights_gives_the_same_tokens(
             seen.extend(type(m).__name__ for _, m in model.named_modules())
             yield model
 
-    monkeypatch.setattr(rollout, "small_weights_transposed", recording)
+    monkeypatch.setattr(compiled_decode, "small_weights_transposed", recording)
     engine, ours = decode_both_ways(tiny_model, 3)
     assert {"_RowMajorLinear", "_RowMajorHead"} <= set(seen)
     assert ours.completion_ids == engine.completion_ids

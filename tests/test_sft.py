@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from mlx_reasoner.cli import main
 from mlx_reasoner.data import Example
 from mlx_reasoner.errors import ReasonerError
-from mlx_reasoner.loss import pack_sequences
+from mlx_reasoner.logprobs import pack_sequences
 from mlx_reasoner.prompts import encode_prompt
 from mlx_reasoner.sft import (
     chat_sequence,

@@ -8,9 +8,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from mlx_reasoner import blas
-from mlx_reasoner.blas import REFERENCE_NAME, BlasInfo
 from mlx_reasoner.cli import main
+from mlx_reasoner.engine import blas
+from mlx_reasoner.engine.blas import REFERENCE_NAME, BlasInfo
 from mlx_reasoner.errors import ReasonerError
 
 WORK_MARKER = "<the command's work begins>"
@@ -19,8 +19,8 @@ WORK_MARKER = "<the command's work begins>"
 COMMANDS = {
     "train": ([], "mlx_reasoner.run.run_train"),
     "sft": ([], "mlx_reasoner.run.run_sft"),
-    "demo": ([], "mlx_reasoner.demo.run_demo"),
-    "bench": (["--steps", "2"], "mlx_reasoner.bench.run_bench"),
+    "demo": ([], "mlx_reasoner.showcase.demo.run_demo"),
+    "bench": (["--steps", "2"], "mlx_reasoner.showcase.bench.run_bench"),
 }
 
 
@@ -102,7 +102,7 @@ def test_a_real_run_on_the_reference_blas_shows_the_notice_first(tiny_model_dir,
 def test_the_demos_time_budget_says_when_the_blas_is_slow(enabled, monkeypatch, tmp_path):
     from rich.console import Console
 
-    from mlx_reasoner import demo, tiny
+    from mlx_reasoner.showcase import demo, tiny
 
     set_blas(monkeypatch, enabled)
 

@@ -6,7 +6,7 @@ import re
 from click.testing import CliRunner
 
 from mlx_reasoner.cli import main
-from mlx_reasoner.demo import score_line, strawberry_questions
+from mlx_reasoner.showcase.demo import score_line, strawberry_questions
 
 
 def test_suite_starts_with_the_classic_and_counts_right():
@@ -91,8 +91,8 @@ def test_cli_bad_adapter_path(tiny_model_dir, tmp_path):
 def test_demo_folder_replaces_an_earlier_demo_but_nothing_else(tmp_path):
     import pytest
 
-    from mlx_reasoner.demo import DEMO_MARKER, prepare_demo_dir
     from mlx_reasoner.errors import ReasonerError
+    from mlx_reasoner.showcase.demo import DEMO_MARKER, prepare_demo_dir
 
     other = tmp_path / "mine"
     other.mkdir()

@@ -9,8 +9,9 @@ import pytest
 
 from mlx_reasoner import tasks
 from mlx_reasoner.answers import normalize_answer
-from mlx_reasoner.data import Example, load_examples, normalize_question
+from mlx_reasoner.data import Example, load_examples
 from mlx_reasoner.errors import ReasonerError
+from mlx_reasoner.examples import normalize_question
 from mlx_reasoner.rewards import REWARDS
 from mlx_reasoner.tasks import (
     PARITY_GLANCE,

@@ -1,4 +1,4 @@
-"""Tests for mlx_reasoner.tiny: the built directory must behave like a real Qwen2 checkpoint."""
+"""mlx_reasoner.showcase.tiny: the built directory must behave like a real Qwen2 checkpoint."""
 
 import json
 
@@ -8,7 +8,7 @@ import pytest
 from mlx_lm.generate import batch_generate
 from tokenizers import Tokenizer
 
-from mlx_reasoner.tiny import (
+from mlx_reasoner.showcase.tiny import (
     DEFAULT_CORPUS,
     EOS_TOKEN,
     PAD_TOKEN,

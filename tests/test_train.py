@@ -12,8 +12,8 @@ from rich.console import Console
 from mlx_reasoner.advantages import group_advantages
 from mlx_reasoner.config import TrainConfig
 from mlx_reasoner.data import Example, batch_iterator
-from mlx_reasoner.loss import LossConfig
 from mlx_reasoner.model import attach_lora, lora_config
+from mlx_reasoner.objective import LossConfig
 from mlx_reasoner.rewards import WeightedReward
 from mlx_reasoner.rollout import Rollouts
 from mlx_reasoner.trainer import GradientComputer, make_schedule, policy_update, train
@@ -167,7 +167,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
     import mlx_lm
     from mlx_lm.tuner.trainer import grad_checkpoint
 
-    from mlx_reasoner.loss import completion_logprobs, pack_sequences
+    from mlx_reasoner.logprobs import completion_logprobs, pack_sequences
 
     batch = pack_sequences([[1, 2, 3, 4]], [[5, 6, 7]], np.ones(1))
     results = []
@@ -225,7 +225,7 @@ def test_one_update_moves_probability_towards_positive_advantages(tiny_model, mi
     and completions with positive advantage gain probability on average."""
     import mlx.optimizers as optim
 
-    from mlx_reasoner.loss import completion_logprobs, pack_sequences
+    from mlx_reasoner.logprobs import completion_logprobs, pack_sequences
 
     model, tokenizer = tiny_model
     config = TrainConfig(

@@ -16,16 +16,15 @@ from mlx_reasoner.advantages import group_advantages, groups_with_spread
 from mlx_reasoner.cli import main
 from mlx_reasoner.config import TrainConfig, load_config_file
 from mlx_reasoner.errors import ReasonerError
-from mlx_reasoner.loss import (
+from mlx_reasoner.logprobs import completion_logprobs, pack_sequences
+from mlx_reasoner.model import attach_lora, lora_config
+from mlx_reasoner.objective import (
     LossConfig,
     Normalizer,
-    completion_logprobs,
     grpo_loss,
-    pack_sequences,
     sequence_log_ratio,
     truncated_importance_weights,
 )
-from mlx_reasoner.model import attach_lora, lora_config
 from mlx_reasoner.rewards import REWARDS, resolve_rewards, score_completions
 from mlx_reasoner.rollout import Rollouts, generate_groups
 from mlx_reasoner.trainer import (

@@ -1,12 +1,8 @@
-"""Loss stage: per-token log-probabilities of completions and the GRPO objective.
-
-Everything here is a function of arrays except ``completion_logprobs``, which runs the
-model. Losses are written so that micro-batch losses add up to the full-batch loss:
-the normalising constants come from the whole batch (``Normalizer``), which makes
-gradient accumulation exact.
+"""Running the model for log-probabilities: completions laid out with their prompts
+(``pack_sequences``, or ``pack_groups`` with each prompt run once per group) and each completion
+token's log-probability under the policy (``completion_logprobs``).
 """
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -14,32 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cpu_math import fast_activations
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Hyper-parameters of the GRPO objective."""
-
-    epsilon: float = 0.2  # lower clip: ratio >= 1 - epsilon
-    epsilon_high: float | None = None  # upper clip (DAPO); None means epsilon
-    beta: float = 0.0  # weight of the k3 KL to the reference; 0 skips the reference
-    loss_type: str = "grpo"  # a key of AGGREGATORS
-    importance_sampling_level: str = "token"  # a key of IMPORTANCE_LEVELS
-    tis_cap: float | None = None  # truncated importance sampling against the rollout's log-probs
-
-
-@dataclass(frozen=True)
-class Normalizer:
-    """Batch-wide constants, so that the loss of a micro-batch is its share of the total."""
-
-    num_completions: int
-    num_tokens: int  # real completion tokens in the whole batch, at least 1
-    max_completion_tokens: int
-
-    @classmethod
-    def for_batch(cls, mask: mx.array, max_completion_tokens: int) -> "Normalizer":
-        return cls(mask.shape[0], max(int(mask.sum().item()), 1), max_completion_tokens)
+from . import backend
 
 
 @dataclass
@@ -72,20 +43,9 @@ class PackedBatch:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def slice(self, start: int, stop: int) -> "PackedBatch":
-        """Rows ``start:stop`` of a packed batch."""
-        if self.shares_prompts:
-            raise ValueError("slice() takes a packed batch; pack the groups again instead")
-        return PackedBatch(
-            self.tokens[start:stop],
-            self.positions[start:stop],
-            self.targets[start:stop],
-            self.mask[start:stop],
-            self.advantages[start:stop],
-        )
 
-
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (at least one multiple)."""
     return max(multiple, -(-n // multiple) * multiple)
 
 
@@ -109,8 +69,8 @@ def pack_sequences(
         A ``PackedBatch``.
     """
     batch = len(completion_ids)
-    max_completion = _round_up(max(len(c) for c in completion_ids), pad_multiple)
-    max_total = _round_up(
+    max_completion = round_up(max(len(c) for c in completion_ids), pad_multiple)
+    max_total = round_up(
         max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)), pad_multiple
     )
     tokens = np.zeros((batch, max_total), dtype=np.int32)
@@ -156,14 +116,14 @@ def pack_groups(
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     batch = len(completion_ids)
-    width = _round_up(max(len(p) - 1 for p in prompts), pad_multiple)
+    width = round_up(max(len(p) - 1 for p in prompts), pad_multiple)
     prefix = np.zeros((len(prompts), width), dtype=np.int32)
     prefix_start = np.zeros(len(prompts), dtype=np.int32)
     for row, prompt in enumerate(prompts):
         body = list(prompt[:-1])
         prefix_start[row] = width - len(body)
         prefix[row, prefix_start[row] :] = body
-    max_completion = _round_up(max(len(c) for c in completion_ids), pad_multiple)
+    max_completion = round_up(max(len(c) for c in completion_ids), pad_multiple)
     tokens = np.zeros((batch, max_completion), dtype=np.int32)
     targets = np.zeros((batch, max_completion), dtype=np.int32)
     mask = np.zeros((batch, max_completion), dtype=np.float32)
@@ -257,40 +217,6 @@ def _shared_prompt_rows(model: nn.Module, batch: PackedBatch) -> Callable[[slice
         return model.model(batch.tokens[rows], cache=shared)  # [rows, T, H]
 
     return rows_hidden
-
-
-# The training pass's rows are split over this many CPU streams (threads), at most; MLX runs each
-# stream's kernels on its own thread, so on a multi-core CPU the halves run side by side.
-ROW_STREAMS_ENV = "MLX_REASONER_CPU_STREAMS"
-_side_streams: list = []
-
-
-def row_streams() -> int:
-    """How many CPU streams ``completion_logprobs`` splits its rows over:
-    ``MLX_REASONER_CPU_STREAMS`` if set (1 turns the split off), else 2 on a CPU with two or more
-    cores; 1 off the CPU."""
-    if mx.default_device() != mx.cpu:
-        return 1
-    setting = os.environ.get(ROW_STREAMS_ENV, "").strip()
-    if setting:
-        try:
-            return max(1, int(setting))
-        except ValueError:
-            return 1
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
-
-
-def _row_split(rows: int) -> list[tuple[mx.Stream, slice]]:
-    """Consecutive slices of ``rows``, each with the stream that computes it (the default first)."""
-    parts = min(row_streams(), rows)
-    default = mx.default_stream(mx.default_device())
-    if parts <= 1:
-        return [(default, slice(0, rows))]
-    while len(_side_streams) < parts - 1:
-        _side_streams.append(mx.new_stream(mx.cpu))
-    bounds = [round(i * rows / parts) for i in range(parts + 1)]
-    streams = [default, *_side_streams[: parts - 1]]
-    return [(s, slice(a, b)) for s, a, b in zip(streams, bounds, bounds[1:])]
 
 
 class _GivenHidden:
@@ -403,6 +329,16 @@ def logits_chunk(rows: int, vocab: int) -> int:
     return max(8, min(MAX_LOGITS_CHUNK, fits // 8 * 8))
 
 
+def sampled_logprobs(logprobs: mx.array, tokens: mx.array, temperature: float) -> mx.array:
+    """``[rows]`` log-probability of each sampled token at ``temperature``, from the decode's
+    ``[rows, vocab]`` log-probabilities (at temperature 1)."""
+    chosen = mx.take_along_axis(logprobs, tokens.astype(mx.int32)[:, None], axis=-1)[:, 0]
+    if temperature == 1.0:
+        return chosen.astype(mx.float32)
+    scaled = logprobs.astype(mx.float32) * (1.0 / temperature)
+    return chosen.astype(mx.float32) / temperature - mx.logsumexp(scaled, axis=-1)
+
+
 def completion_logprobs(
     model: nn.Module,
     batch: PackedBatch,
@@ -414,7 +350,7 @@ def completion_logprobs(
     Only hidden states at completion positions are projected onto the vocabulary, and
     that projection runs in chunks of ``chunk_size`` positions under ``mx.checkpoint``,
     so float32 logits for the whole ``[B, T, vocab]`` never exist at once, in the forward
-    or the backward pass. On a CPU the rows are split over ``row_streams()`` streams, which
+    or the backward pass. The engine may split the rows over streams (``backend.row_split``), which
     MLX runs on threads of their own (the prompts' pass, shared by all rows, runs first); each
     row's numbers are the same either way.
 
@@ -447,7 +383,7 @@ def completion_logprobs(
             pieces.append(checkpointed(hidden[:, start : start + chunk_size]))
         return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=1)
 
-    with fast_activations(model):
+    with backend.fast_forward(model):
         if batch.shares_prompts:
             rows_hidden = _shared_prompt_rows(model, batch)
         else:
@@ -457,162 +393,7 @@ def completion_logprobs(
                 return mx.take_along_axis(hidden, batch.positions[rows][..., None], axis=1)
 
         parts = []
-        for stream, rows in _row_split(len(batch)):
+        for stream, rows in backend.row_split(len(batch)):
             with mx.stream(stream):
                 parts.append(rows_logprobs(rows_hidden(rows), batch.targets[rows]))
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
-
-
-def token_kl(logp: mx.array, ref_logp: mx.array) -> mx.array:
-    """k3 estimator of KL(policy || reference) per token: exp(r - p) - (r - p) - 1 >= 0."""
-    delta = ref_logp - logp
-    return mx.exp(delta) - delta - 1.0
-
-
-def token_log_ratio(logp: mx.array, old_logp: mx.array, mask: mx.array) -> mx.array:
-    """Each token's own log importance ratio (GRPO, PPO)."""
-    return logp - old_logp
-
-
-def sequence_log_ratio(logp: mx.array, old_logp: mx.array, mask: mx.array) -> mx.array:
-    """GSPO: one log-ratio per completion, the mean of its tokens', shared by all its tokens.
-
-    Its gradient is ``ratio * mean(grad logp)`` over the completion's tokens, so long
-    completions do not weigh more, and clipping acts on whole completions.
-    """
-    lengths = mx.maximum(mask.sum(axis=1, keepdims=True), 1.0)
-    per_completion = ((logp - old_logp) * mask).sum(axis=1, keepdims=True) / lengths  # [B, 1]
-    return mx.broadcast_to(per_completion, logp.shape)
-
-
-IMPORTANCE_LEVELS: dict[str, Callable[[mx.array, mx.array, mx.array], mx.array]] = {
-    "token": token_log_ratio,
-    "sequence": sequence_log_ratio,
-}
-
-
-def clipped_surrogate(
-    log_ratio: mx.array,
-    advantages: mx.array,
-    epsilon_low: float,
-    epsilon_high: float,
-) -> tuple[mx.array, mx.array]:
-    """Per-token PPO-style clipped objective, negated into a loss.
-
-    Args:
-        log_ratio: ``[B, T]`` log importance ratio, current over sampling policy
-            (differentiable; see ``IMPORTANCE_LEVELS``).
-        advantages: ``[B]`` per completion.
-
-    Returns:
-        ``(per_token_loss [B, T], ratio [B, T])``.
-    """
-    ratio = mx.exp(log_ratio)
-    adv = advantages[:, None]
-    unclipped = ratio * adv
-    clipped = mx.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high) * adv
-    return -mx.minimum(unclipped, clipped), ratio
-
-
-def truncated_importance_weights(
-    old_logp: mx.array, rollout_logp: mx.array, cap: float
-) -> mx.array:
-    """``min(exp(old - rollout), cap)`` per token, without gradient: corrects for the decode
-    having sampled with slightly different log-probs from the training pass's (TIS)."""
-    return mx.stop_gradient(mx.minimum(mx.exp(old_logp - rollout_logp), cap))
-
-
-def aggregate_grpo(per_token: mx.array, mask: mx.array, norm: Normalizer) -> mx.array:
-    """Mean over each completion's tokens, then mean over completions."""
-    lengths = mx.maximum(mask.sum(axis=1), 1.0)
-    return ((per_token * mask).sum(axis=1) / lengths).sum() / norm.num_completions
-
-
-def aggregate_bnpo(per_token: mx.array, mask: mx.array, norm: Normalizer) -> mx.array:
-    """Mean over every completion token of the whole step (``norm`` counts the step's tokens,
-    not the micro-batch's). This is DAPO's token-level loss, so ``dapo`` names it too."""
-    return (per_token * mask).sum() / norm.num_tokens
-
-
-def aggregate_dr_grpo(per_token: mx.array, mask: mx.array, norm: Normalizer) -> mx.array:
-    """Sum over tokens divided by a constant (completions x max tokens): no length bias."""
-    return (per_token * mask).sum() / (norm.num_completions * norm.max_completion_tokens)
-
-
-AGGREGATORS: dict[str, Callable[[mx.array, mx.array, Normalizer], mx.array]] = {
-    "grpo": aggregate_grpo,
-    "bnpo": aggregate_bnpo,
-    "dr_grpo": aggregate_dr_grpo,
-    "dapo": aggregate_bnpo,
-}
-LOSS_TYPES = tuple(AGGREGATORS)
-
-
-def grpo_loss(
-    logp: mx.array,
-    old_logp: mx.array | None,
-    ref_logp: mx.array | None,
-    advantages: mx.array,
-    mask: mx.array,
-    config: LossConfig,
-    normalizer: Normalizer,
-    rollout_logp: mx.array | None = None,
-) -> tuple[mx.array, dict[str, mx.array]]:
-    """The GRPO loss for a (micro-)batch.
-
-    Args:
-        logp: ``[B, T]`` current policy log-probabilities of the completion tokens.
-        old_logp: ``[B, T]`` log-probabilities before this batch's first update, or None
-            for a single update per batch (the ratio is then exp(logp - sg(logp)) = 1 with
-            the policy gradient as its gradient).
-        ref_logp: ``[B, T]`` reference (adapters off) log-probabilities; ignored when
-            ``config.beta`` is 0.
-        advantages: ``[B]``.
-        mask: ``[B, T]`` 1 for completion tokens in the loss, 0 for padding (and for
-            completions left out of it).
-        config: clip range, KL weight, aggregation, importance-sampling level and TIS cap.
-        normalizer: batch-wide constants for the aggregation.
-        rollout_logp: ``[B, T]`` the log-probabilities the decode sampled with, or None. With
-            them the sums hold the sampler/trainer mismatch, and ``config.tis_cap`` applies.
-
-    Returns:
-        ``(loss, sums)``: the scalar loss and additive statistics for logging:
-        ``tokens``, ``clip_low``, ``clip_high`` (token counts), ``neg_logp_sum`` (sampled
-        tokens' surprisal, an estimate of the policy's entropy), ``kl_sum`` when
-        ``config.beta > 0``, and ``mismatch_abs_sum``, ``mismatch_kl_sum`` with
-        ``rollout_logp``.
-    """
-    # Zero the padding first: exp() of garbage there could overflow, and inf * 0 is NaN.
-    real = mask > 0
-    logp = mx.where(real, logp, 0.0)
-    if old_logp is None:
-        old_logp = mx.stop_gradient(logp)
-    else:
-        old_logp = mx.where(real, old_logp, 0.0)
-    if ref_logp is not None:
-        ref_logp = mx.where(real, ref_logp, 0.0)
-    epsilon_high = config.epsilon if config.epsilon_high is None else config.epsilon_high
-    log_ratio = IMPORTANCE_LEVELS[config.importance_sampling_level](logp, old_logp, mask)
-    per_token, ratio = clipped_surrogate(log_ratio, advantages, config.epsilon, epsilon_high)
-    sums = {
-        "tokens": mask.sum(),
-        "neg_logp_sum": mx.stop_gradient(-(logp * mask).sum()),
-    }
-    if rollout_logp is not None:
-        rollout_logp = mx.where(real, rollout_logp, 0.0)
-        gap = old_logp - rollout_logp  # training pass minus decode, at the sampled tokens
-        sums["mismatch_abs_sum"] = mx.stop_gradient((mx.abs(gap) * mask).sum())
-        # k3 estimate of KL(decode || training pass) from the decode's own samples.
-        sums["mismatch_kl_sum"] = mx.stop_gradient((token_kl(rollout_logp, old_logp) * mask).sum())
-        if config.tis_cap is not None:
-            weights = truncated_importance_weights(old_logp, rollout_logp, config.tis_cap)
-            per_token = per_token * weights
-    if config.beta > 0.0:
-        kl = token_kl(logp, ref_logp)
-        per_token = per_token + config.beta * kl
-        sums["kl_sum"] = mx.stop_gradient((kl * mask).sum())
-    adv = advantages[:, None]
-    sums["clip_low"] = (((ratio < 1.0 - config.epsilon) & (adv < 0)) * mask).sum()
-    sums["clip_high"] = (((ratio > 1.0 + epsilon_high) & (adv > 0)) * mask).sum()
-    loss = AGGREGATORS[config.loss_type](per_token, mask, normalizer)
-    return loss, sums

@@ -19,9 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainConfig, _opt, check_ranges
-from .errors import ReasonerError
-from .loss import LOSS_TYPES
+from ..config import LOSS_TYPES, TrainConfig, check_ranges, option
+from ..errors import ReasonerError
 
 # The model built when no --model is given: a Qwen2 of about 2.9M parameters, like the issue's.
 TINY_BENCH_MODEL = dict(
@@ -44,48 +43,50 @@ TARGET_PEAK_MEMORY_RATIO_BETA = 1.15
 class BenchConfig:
     """Everything ``mlx-reasoner bench`` needs; training options mean what they mean in train."""
 
-    model: str | None = _opt(
+    model: str | None = option(
         None, "Hub id or local mlx-lm model directory; default: a tiny 2.9M-parameter Qwen2."
     )
-    dataset: str = _opt("task:arithmetic", "Where the fixed prompts come from (as in train).")
-    steps: int = _opt(5, "GRPO steps; the first is a warm-up, left out of the medians.")
-    batch_size: int = _opt(2, "Prompts per step.", at_least=1)
-    group_size: int = _opt(8, "Completions sampled per prompt (G >= 2).")
-    max_completion_tokens: int = _opt(128, "Completion length in tokens.", at_least=1)
-    micro_batch_size: int = _opt(
+    dataset: str = option("task:arithmetic", "Where the fixed prompts come from (as in train).")
+    steps: int = option(5, "GRPO steps; the first is a warm-up, left out of the medians.")
+    batch_size: int = option(2, "Prompts per step.", at_least=1)
+    group_size: int = option(8, "Completions sampled per prompt (G >= 2).")
+    max_completion_tokens: int = option(128, "Completion length in tokens.", at_least=1)
+    micro_batch_size: int = option(
         4, "Completions per forward/backward pass (memory bound).", at_least=1
     )
-    num_iterations: int = _opt(1, "Updates per batch of rollouts (mu).", at_least=1)
-    loss_type: str = _opt("grpo", "Loss aggregation.", choices=LOSS_TYPES)
-    beta: float = _opt(0.04, "KL weight to the base model (adapters off); 0 skips it.", at_least=0)
-    lora_rank: int = _opt(8, "LoRA rank.", at_least=1)
-    lora_layers: int = _opt(
+    num_iterations: int = option(1, "Updates per batch of rollouts (mu).", at_least=1)
+    loss_type: str = option("grpo", "Loss aggregation.", choices=LOSS_TYPES)
+    beta: float = option(
+        0.04, "KL weight to the base model (adapters off); 0 skips it.", at_least=0
+    )
+    lora_rank: int = option(8, "LoRA rank.", at_least=1)
+    lora_layers: int = option(
         -1,
         "LoRA on all linear layers of this many top blocks (-1: all; more than the model has "
         "is an error, as in train).",
         at_least=-1,
     )
-    temperature: float = _opt(0.9, "Sampling temperature.", above=0)
-    compile: bool = _opt(
+    temperature: float = option(0.9, "Sampling temperature.", above=0)
+    compile: bool = option(
         True, "mx.compile the training pass and the rollout's decode step (models that allow it)."
     )
-    grad_checkpoint: bool = _opt(
+    grad_checkpoint: bool = option(
         False, "Recompute block activations in the backward pass (less memory, slower)."
     )
-    share_prompts: bool = _opt(
+    share_prompts: bool = option(
         True,
         "Training pass: run each prompt once for its whole group (models that allow it, "
         "not with --grad-checkpoint).",
     )
-    memory_limit_gb: float | None = _opt(
+    memory_limit_gb: float | None = option(
         None, "Cap the memory MLX may use, in GB (default: MLX's own limit).", above=0
     )
-    ignore_eos: bool = _opt(True, "Generate every completion to full length, past EOS.")
-    compare_beta: bool = _opt(
+    ignore_eos: bool = option(True, "Generate every completion to full length, past EOS.")
+    compare_beta: bool = option(
         False, "Also run with the other of beta 0 / beta > 0 and report the peak-memory ratio."
     )
-    seed: int = _opt(0, "Random seed (prompts, sampling, LoRA init).", at_least=0)
-    output: str | None = _opt(None, "Write the figures to this JSON file.")
+    seed: int = option(0, "Random seed (prompts, sampling, LoRA init).", at_least=0)
+    output: str | None = option(None, "Write the figures to this JSON file.")
 
     def train_config(self, beta: float | None = None) -> TrainConfig:
         """The ``TrainConfig`` the trainer's functions read, with these settings."""
@@ -181,15 +182,17 @@ def bench_steps(
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
-    from .advantages import group_advantages
-    from .rewards import score_completions
-    from .rollout import generate_groups
-    from .trainer import GradientComputer, make_optimizer, policy_update
+    from ..advantages import group_advantages
+    from ..rewards import score_completions
+    from ..rollout import generate_groups
+    from ..trainer import GradientComputer, make_optimizer, policy_update, use_shared_prompts
 
     train_config = config.train_config(beta)
     group = config.group_size
     optimizer = make_optimizer(train_config, config.num_iterations)
-    grads = GradientComputer.for_config(model, train_config)
+    grads = GradientComputer.for_config(
+        model, train_config, use_shared_prompts(model, train_config)
+    )
     sampler = make_sampler(config.temperature)
     stop_tokens = None if config.ignore_eos else [[t] for t in sorted(tokenizer.eos_token_ids)]
     answers = [ex.answer for ex in examples for _ in range(group)]
@@ -327,6 +330,31 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    """Time an ``n x n`` float32 matmul on MLX's CPU stream; median of ``repeats`` after a warm-up.
+
+    Args:
+        n: Matrix side.
+        repeats: Timed runs; the median is reported.
+
+    Returns:
+        GFLOP/s, counting ``2 * n**3`` floating-point operations per matmul.
+    """
+    import mlx.core as mx
+
+    key_a, key_b = mx.random.split(mx.random.key(0))
+    a = mx.random.normal((n, n), key=key_a)  # [n, n]
+    b = mx.random.normal((n, n), key=key_b)  # [n, n]
+    mx.eval(a, b)
+    mx.eval(mx.matmul(a, b, stream=mx.cpu))  # warm-up: thread pools, allocator
+    seconds = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        mx.eval(mx.matmul(a, b, stream=mx.cpu))
+        seconds.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(seconds) / 1e9
+
+
 def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run ``mlx-reasoner bench``: GRPO steps and the raw engine, timed; write ``--output``.
 
@@ -344,13 +372,13 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from .blas import blas_info, matmul_gflops
-    from .checkpoints import atomic_write_json
-    from .data import load_examples
-    from .model import LORA_SCALE
-    from .prompts import encode_prompt, load_system_prompt
-    from .rewards import resolve_rewards
-    from .run import _versions, apply_memory_options, setup_model
+    from .. import backend
+    from ..checkpoints import atomic_write_json
+    from ..data import load_examples
+    from ..model import LORA_SCALE
+    from ..prompts import encode_prompt, load_system_prompt
+    from ..rewards import resolve_rewards
+    from ..run import apply_memory_options, setup_model, versions
 
     config.validate()
     output = _prepare_output(config.output)
@@ -401,14 +429,14 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
             "train_seconds_beta0": without_kl["train_seconds"],
         }
 
-    info = blas_info()
+    blas = backend.blas_summary()
     result.update(
         train_layout="shared prompts" if records[-1]["shared_prompts"] else "packed",
         rollout_decoder=records[-1]["decoder"],
         completion_tokens_per_step=records[-1]["completion_tokens"],
         prompt_tokens_per_step=records[-1]["prompt_tokens"],
-        blas=info.name,
-        blas_threads=info.threads,
+        blas=blas["name"],
+        blas_threads=blas.get("threads"),
         matmul_gflops=gflops,
         model=config.model or TINY_MODEL_NAME,
         parameters=int(parameters),
@@ -418,7 +446,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] | None = None) -> 
         device=str(mx.default_device()),
         cpu=_cpu_name(),
         cpu_count=os.cpu_count(),
-        versions=_versions(),
+        versions=versions(),
         steps=records,
     )
     if estimate is not None:
@@ -434,7 +462,7 @@ def memory_estimate(model, config: BenchConfig, prompts, lora_layers: int):
     shape it cannot read)."""
     import dataclasses
 
-    from .memory import ModelShape, estimate_step, step_options
+    from ..memory import ModelShape, estimate_step, step_options
 
     try:
         shape = ModelShape.from_model(model)

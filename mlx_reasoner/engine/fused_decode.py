@@ -39,6 +39,7 @@ import mlx.nn as nn
 
 from . import cpu_math
 from .blas import OFF_VALUES
+from .kv_buffers import visible_columns, write_columns
 
 ENV_SWITCH = "MLX_REASONER_FUSED_DECODE"
 
@@ -49,7 +50,7 @@ ENV_SWITCH = "MLX_REASONER_FUSED_DECODE"
 JOIN_LIMIT_BYTES = 64 * 2**20
 
 # OpenBLAS (x86-64) packs both operands of any product over its small-product bound
-# (``cpu_math._SMALL_GEMM_WORK``, M * N * K), whatever their layout. At 8 decode rows the bench
+# (``cpu_math.SMALL_GEMM_WORK``, M * N * K), whatever their layout. At 8 decode rows the bench
 # model's MLP, joined q/k/v and output products are just over it, and packing the weight costs
 # more than the product. Such a weight is held as up to this many column blocks, each product
 # under the bound, and the outputs joined; a weight that needs more is left to OpenBLAS.
@@ -154,7 +155,7 @@ def _supported_layout(model: nn.Module) -> bool:
 def _column_blocks(rows: int, in_features: int, out_features: int) -> tuple[int, ...] | None:
     """Column widths that keep each block's product under OpenBLAS's small-product bound, for a
     product over it (None: one block does, or more than ``MAX_COLUMN_BLOCKS`` would be needed)."""
-    bound = cpu_math._SMALL_GEMM_WORK
+    bound = cpu_math.SMALL_GEMM_WORK
     if rows * in_features * out_features <= bound:
         return None
     for count in range(2, MAX_COLUMN_BLOCKS + 1):
@@ -169,7 +170,7 @@ def _qk_v_blocks(rows: int, in_features: int, outs: list[int]) -> tuple[int, int
     small-product bound: queries and keys in one, values in the other, where each is under
     it. The step then takes both blocks as they are, with no join and no split (None: one
     product is under the bound, or a side is not; ``_column_blocks`` decides)."""
-    bound = cpu_math._SMALL_GEMM_WORK
+    bound = cpu_math.SMALL_GEMM_WORK
     split, total = outs[0] + outs[1], sum(outs)
     if rows * in_features * total <= bound or rows * in_features * split > bound:
         return None
@@ -193,7 +194,7 @@ def _laid_out(
 
     With OpenBLAS (``transposed_copies``): contiguous column blocks where the product is over
     its small-product bound (``_column_blocks``), one contiguous array where it would pack the
-    view at every call (``cpu_math._packed_when_transposed``), where the weight is a copy
+    view at every call (``cpu_math.packed_when_transposed``), where the weight is a copy
     anyway (``copied``) or where an update is added; the view itself elsewhere. Elsewhere: the
     view, or the sum. Each copy is ``cpu_math.row_major``'s (MLX's own transposed copy is three
     times slower on the CPU), and an update is added to the copy (a sum with a transposed
@@ -217,7 +218,7 @@ def _laid_out(
         if widths is not None:
             bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
             return tuple(piece(a, b) for a, b in zip(bounds, bounds[1:])), widths
-        packed = cpu_math._packed_when_transposed(out_features, in_features, rows)
+        packed = cpu_math.packed_when_transposed(out_features, in_features, rows)
         if copied or packed or update is not None:
             return piece(0, out_features), None
     if update is not None:
@@ -349,7 +350,7 @@ def _down_row_blocks(mlp: nn.Module, specs: dict, rows: int, merge: bool, dtype)
     if lora is not None and not merge:
         return None
     out_features = base.weight.shape[0]
-    if rows * max(blocks) * out_features > cpu_math._SMALL_GEMM_WORK:
+    if rows * max(blocks) * out_features > cpu_math.SMALL_GEMM_WORK:
         return None
     return blocks
 
@@ -484,15 +485,13 @@ def _swiglu(gate: mx.array, x: mx.array, fast_exp: bool) -> mx.array:
 def fused_step(plan: _Plan, ropes: list, sampler: Callable) -> Callable:
     """The decode step ``(params, tokens, previous, keys, values, write, start) -> (next
     tokens, log-probabilities, keys, values, this step's columns)`` of
-    ``rollout._decode_step_fn``, for ``fused_plan``'s plan and arrays; ``ropes`` are the
+    ``compiled_decode._decode_step_fn``, for ``fused_plan``'s plan and arrays; ``ropes`` are the
     blocks' RoPE modules."""
-    from .rollout import visible_columns, write_columns  # (rollout imports this module)
-
     heads, kv_heads, head_dim = plan.heads, plan.kv_heads, plan.head_dim
     repeats = heads // kv_heads
-    angles = cpu_math._RopeAngles()
+    angles = cpu_math.RopeAngles()
     if plan.shared_angles:
-        ropes = [cpu_math._SharedRoPE(rope, angles) for rope in ropes]
+        ropes = [cpu_math.SharedRoPE(rope, angles) for rope in ropes]
 
     def add_residual(x, inputs, spec, arrays):
         if plan.fold_residual:

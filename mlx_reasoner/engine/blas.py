@@ -3,8 +3,8 @@
 The ``mlx[cpu]`` wheel links a bundled reference BLAS/LAPACK (~6 GFLOP/s on a 1024x1024 float32
 matmul). A library opened with ``RTLD_GLOBAL`` before ``libmlx.so`` is loaded wins the dynamic
 linker's symbol lookup, so MLX's ``cblas_sgemm`` and LAPACK calls then bind to OpenBLAS instead.
-That only works if it happens first: ``mlx_reasoner/__init__.py`` calls :func:`enable_fast_blas`
-before any module imports mlx, and nothing here imports mlx at module level.
+That only works if it happens first: commands call ``backend.start()`` (which calls
+:func:`enable_fast_blas`) before anything imports mlx, and nothing here imports mlx at module level.
 
 The OpenBLAS comes from the ``cmeel-openblas`` wheel and needs ``libgfortran.so.5``. Where the
 system has none, the Fortran runtime shipped inside the ``mlx[cpu]`` wheel stands in: auditwheel
@@ -15,7 +15,7 @@ written to disk, so concurrent processes cannot trip over each other.
 ``cmeel-openblas`` is built for one CPU target (AVX-512 on x86-64). On other x86-64 CPUs the
 ``scipy-openblas32`` wheel (every CPU target, no Fortran runtime needed) is used through a small
 in-memory library that gives its ``scipy_``-prefixed functions the names MLX calls
-(:mod:`mlx_reasoner.blas_alias`). The system's OpenBLAS is the last resort.
+(:mod:`mlx_reasoner.engine.blas_alias`). The system's OpenBLAS is the last resort.
 
 Set ``MLX_REASONER_FAST_BLAS=0`` to keep the reference BLAS. Unless ``OPENBLAS_NUM_THREADS`` is
 set, OpenBLAS gets half the cores (at least one): its threads busy-wait, and with one per core any
@@ -41,7 +41,7 @@ from pathlib import Path
 ENV_VAR = "MLX_REASONER_FAST_BLAS"
 REFERENCE_NAME = "reference (bundled with mlx)"
 ACCELERATE_NAME = "accelerate (macOS)"
-MLX_IMPORTED_FIRST = "mlx.core was imported before mlx_reasoner"
+MLX_IMPORTED_FIRST = "mlx.core was imported before the fast BLAS was loaded"
 
 OFF_VALUES = {"0", "false", "off", "no"}
 _CMEEL_LIB = Path("cmeel.prefix") / "lib"
@@ -108,7 +108,7 @@ def enable_fast_blas() -> BlasInfo:
     """Load OpenBLAS with ``RTLD_GLOBAL`` so that MLX, imported later, binds its BLAS calls to it.
 
     Idempotent: the first call decides and later calls return the same answer. Never raises (it
-    runs at import time); a failure comes back as ``enabled=False`` with the reason.
+    runs before every command); a failure comes back as ``enabled=False`` with the reason.
 
     Returns:
         The :class:`BlasInfo` for this process.
@@ -117,7 +117,7 @@ def enable_fast_blas() -> BlasInfo:
     if _state is None:
         try:
             _state = _decide()
-        except Exception as error:  # an import-time speed-up must never break the import
+        except Exception as error:  # a speed-up must never stop a command from starting
             _state = BlasInfo(
                 REFERENCE_NAME, reason=f"fast BLAS setup failed: {error!r}", fix=_REPORT_FIX
             )
@@ -125,7 +125,7 @@ def enable_fast_blas() -> BlasInfo:
 
 
 def blas_info() -> BlasInfo:
-    """The BLAS decided when ``mlx_reasoner`` was imported (see :func:`enable_fast_blas`)."""
+    """The BLAS decided for this process (deciding now if nothing has: :func:`enable_fast_blas`)."""
     return enable_fast_blas()
 
 
@@ -178,31 +178,6 @@ def slow_blas_notice(command: str) -> str | None:
         f"Slow BLAS: MLX's matrix products use its reference BLAS ({info.reason}); {cost}.\n"
         f"Fix: {fix}"
     )
-
-
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    """Time an ``n x n`` float32 matmul on MLX's CPU stream; median of ``repeats`` after a warm-up.
-
-    Args:
-        n: Matrix side.
-        repeats: Timed runs; the median is reported.
-
-    Returns:
-        GFLOP/s, counting ``2 * n**3`` floating-point operations per matmul.
-    """
-    import mlx.core as mx
-
-    key_a, key_b = mx.random.split(mx.random.key(0))
-    a = mx.random.normal((n, n), key=key_a)  # [n, n]
-    b = mx.random.normal((n, n), key=key_b)  # [n, n]
-    mx.eval(a, b)
-    mx.eval(mx.matmul(a, b, stream=mx.cpu))  # warm-up: thread pools, allocator
-    seconds = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        mx.eval(mx.matmul(a, b, stream=mx.cpu))
-        seconds.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(seconds) / 1e9
 
 
 def _default_thread_count() -> None:
@@ -333,8 +308,11 @@ def _decide() -> BlasInfo:
         hint = usable[0] if usable else "<path to libopenblas.so.0>"
         return BlasInfo(
             REFERENCE_NAME,
-            reason=f"{MLX_IMPORTED_FIRST}; import mlx_reasoner first or set LD_PRELOAD={hint}",
-            fix="import mlx_reasoner before mlx in your script",
+            reason=(
+                f"{MLX_IMPORTED_FIRST}; call mlx_reasoner.backend.start() before importing mlx, "
+                f"or set LD_PRELOAD={hint}"
+            ),
+            fix="call mlx_reasoner.backend.start() before importing mlx in your script",
         )
 
     _default_thread_count()
@@ -378,7 +356,7 @@ def _load_aliased(candidate: _Candidate) -> ctypes.CDLL:
         OSError: The library or libmlx.so could not be found or loaded.
         ValueError: libmlx.so could not be read, or the library lacks ``cblas_sgemm``.
     """
-    from mlx_reasoner import blas_alias
+    from . import blas_alias
 
     library = ctypes.CDLL(candidate.target)  # local: only the aliases enter the global scope
     wanted = blas_alias.undefined_symbols(_libmlx_path())

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import atomic_write_json
-from .data import Example
-from .errors import ReasonerError
-from .evaluate import evaluate
-from .tasks import letter_count_example
+from ..checkpoints import atomic_write_json
+from ..data import Example
+from ..errors import ReasonerError
+from ..evaluate import evaluate
+from ..tasks import letter_count_example
 
 # (word, letter, phrasing): the classic question first, then variants of word, letter and
 # phrasing (the phrasings are the letter-count task's templates).
@@ -68,8 +68,8 @@ def run_strawberry_test(
     Returns:
         ``{"base": records, "trained": records}`` (``trained`` only with adapters).
     """
-    from .model import adapters_disabled, check_adapter_dir, load_adapters, load_model
-    from .prompts import load_system_prompt
+    from ..model import adapters_disabled, check_adapter_dir, load_adapters, load_model
+    from ..prompts import load_system_prompt
 
     system_prompt = load_system_prompt(system_prompt_name)
     if adapter_path is not None:
@@ -175,13 +175,13 @@ def warm_start(
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from .checkpoints import atomic_save_safetensors, atomic_write_text
-    from .config import SFTConfig
-    from .data import BatchSampler, load_examples
-    from .model import load_model, trainable_parameter_count
-    from .prompts import load_system_prompt
-    from .sft import example_sequences, train_sft
-    from .ui import TrainDisplay
+    from ..checkpoints import atomic_save_safetensors, atomic_write_text
+    from ..config import SFTConfig
+    from ..data import BatchSampler, load_examples
+    from ..model import load_model, trainable_parameter_count
+    from ..prompts import load_system_prompt
+    from ..sft import example_sequences, train_sft
+    from ..ui import TrainDisplay
 
     config = SFTConfig(
         model=str(model_dir),
@@ -242,16 +242,16 @@ def run_demo(
     """
     from collections import Counter
 
-    from .blas import slow_blas_notice
-    from .config import TrainConfig
-    from .data import load_examples
-    from .model import load_adapters, load_model
-    from .prompts import load_system_prompt
-    from .run import run_train
-    from .tasks import get_task
+    from ..backend import slow_blas_notice
+    from ..config import TrainConfig
+    from ..data import load_examples
+    from ..model import load_adapters, load_model
+    from ..prompts import load_system_prompt
+    from ..run import run_train
+    from ..tasks import get_task
+    from ..ui import console as default_console
+    from ..ui import eval_table, strawberry_view
     from .tiny import build_tiny_model
-    from .ui import console as default_console
-    from .ui import eval_table, strawberry_view
 
     recipe = recipe or DemoRecipe()
     console = console or default_console

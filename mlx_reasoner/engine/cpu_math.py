@@ -52,8 +52,8 @@ from collections.abc import Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..model import modules_replaced
 from .blas import OFF_VALUES, blas_info
-from .model import modules_replaced
 
 ENV_SWITCH = "MLX_REASONER_FAST_EXP"
 
@@ -229,7 +229,7 @@ def _cpu_softmax_vjp(primals, cotangent, output):
     return output * (cotangent - mx.sum(cotangent * output, axis=-1, keepdims=True))
 
 
-class _RopeAngles:
+class RopeAngles:
     """The cosines and sines of the last positions asked for, kept for the next layer.
 
     Every block of a decode step rotates its queries and keys by the same angles (the rows'
@@ -254,15 +254,15 @@ class _RopeAngles:
         return self.value
 
 
-class _SharedRoPE(nn.Module):
-    """``nn.RoPE`` with its angles from a ``_RopeAngles`` shared by every block.
+class SharedRoPE(nn.Module):
+    """``nn.RoPE`` with its angles from a ``RopeAngles`` shared by every block.
 
     Only for the inputs a decode step gives (``[rows, heads, length, dim]``, one offset per
     row, the default frequencies, not the traditional layout); anything else goes to the
     wrapped layer. Gives ``mx.fast.rope``'s CPU results exactly (``tests/test_cpu_math.py``).
     """
 
-    def __init__(self, rope: nn.Module, angles: _RopeAngles):
+    def __init__(self, rope: nn.Module, angles: RopeAngles):
         super().__init__()
         self.rope = rope
         self._angles = angles
@@ -287,27 +287,27 @@ class _SharedRoPE(nn.Module):
 
 
 def shared_rope(model) -> contextlib.AbstractContextManager:
-    """Run ``model``'s ``nn.RoPE`` layers as ``_SharedRoPE``s, on the CPU only (where
+    """Run ``model``'s ``nn.RoPE`` layers as ``SharedRoPE``s, on the CPU only (where
     ``mx.fast.rope`` is a composition of ordinary operations; elsewhere it is one kernel and
     is left alone). The rollout's compiled decode step runs inside it."""
     if mx.default_device() != mx.cpu:
         return contextlib.nullcontext(model)
-    angles = _RopeAngles()
-    return modules_replaced(model, lambda m: type(m) is nn.RoPE, lambda m: _SharedRoPE(m, angles))
+    angles = RopeAngles()
+    return modules_replaced(model, lambda m: type(m) is nn.RoPE, lambda m: SharedRoPE(m, angles))
 
 
 # OpenBLAS on x86-64 multiplies small matrices (M * N * K up to this) without packing them into
 # blocks first, except when the first operand is transposed and the product has more than
-# _SMALL_TN_OUTPUT elements (or K is under 32). ``x @ W.T``, as ``nn.Linear`` computes it, is
+# SMALL_TN_OUTPUT elements (or K is under 32). ``x @ W.T``, as ``nn.Linear`` computes it, is
 # that case: at a decode step's few rows, a 640 x 256 weight is packed (copied) at every call.
-_SMALL_GEMM_WORK = 1_000_000
-_SMALL_TN_OUTPUT = 1200
+SMALL_GEMM_WORK = 1_000_000
+SMALL_TN_OUTPUT = 1200
 
 
-def _packed_when_transposed(out_features: int, in_features: int, rows: int) -> bool:
+def packed_when_transposed(out_features: int, in_features: int, rows: int) -> bool:
     """Whether OpenBLAS packs ``x @ W.T`` for these sizes but would not pack ``x @ W_t``."""
-    small = out_features * rows * in_features <= _SMALL_GEMM_WORK
-    return small and (out_features * rows > _SMALL_TN_OUTPUT or in_features < 32)
+    small = out_features * rows * in_features <= SMALL_GEMM_WORK
+    return small and (out_features * rows > SMALL_TN_OUTPUT or in_features < 32)
 
 
 def row_major(view: mx.array) -> mx.array:
@@ -369,10 +369,10 @@ def small_weights_apply() -> bool:
 
 def small_weights_transposed(model, rows: int) -> contextlib.AbstractContextManager:
     """Run ``model`` with transposed copies of the weights that OpenBLAS would pack at every
-    call for ``rows`` input rows (``_packed_when_transposed``), then drop the copies.
+    call for ``rows`` input rows (``packed_when_transposed``), then drop the copies.
 
     Only with OpenBLAS on an x86-64 CPU, and only for weights small enough for its unpacked
-    kernels (at most ``_SMALL_GEMM_WORK / rows`` elements each, so at most a few MB in all;
+    kernels (at most ``SMALL_GEMM_WORK / rows`` elements each, so at most a few MB in all;
     a 3B model has none). The rollout's compiled decode step runs inside it: at the bench
     model's 4 rows it skips nine weight copies per step (docs/performance.md). The numbers
     are the same products, summed in another order (float32 rounding).
@@ -383,7 +383,7 @@ def small_weights_transposed(model, rows: int) -> contextlib.AbstractContextMana
 
     def select(m: nn.Module) -> bool:
         if type(m) is nn.Linear or (tied_head and type(m) is nn.Embedding):
-            return m.weight.ndim == 2 and _packed_when_transposed(*m.weight.shape, rows)
+            return m.weight.ndim == 2 and packed_when_transposed(*m.weight.shape, rows)
         return False
 
     def replace(m: nn.Module) -> nn.Module:
