@@ -17,8 +17,8 @@ import numpy as np
 from .data import BatchSampler, Example
 from .errors import ReasonerError
 from .logprobs import PackedBatch, completion_logprobs, pack_sequences
-from .prompts import encode_prompt
-from .trainer import StepHooks, current_learning_rate, make_optimizer
+from .prompts import apply_chat_template, chat_messages, encode_prompt
+from .trainer import StepHooks, current_learning_rate, make_optimizer, optimizer_step
 
 Sequences = list[tuple[list[int], list[int]]]  # (prompt ids, assistant ids) per example
 
@@ -33,11 +33,6 @@ def render_completion(reasoning: str, answer: str) -> str:
     '<reasoning>\\n2 + 2 = 4\\n</reasoning>\\n<answer>\\n4\\n</answer>\\n'
     """
     return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
-
-
-def _apply_template(tokenizer, messages, **kwargs) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
 def turn_terminator(tokenizer) -> int:
@@ -91,8 +86,8 @@ def chat_sequence(
         raise ReasonerError("each chat example must end with an assistant message")
     if terminator is None:
         terminator = turn_terminator(tokenizer)
-    prompt = _apply_template(tokenizer, messages[:-1], add_generation_prompt=True)
-    full = _apply_template(tokenizer, messages)
+    prompt = apply_chat_template(tokenizer, messages[:-1], add_generation_prompt=True)
+    full = apply_chat_template(tokenizer, messages)
     if full[: len(prompt)] == prompt:
         answer = full[len(prompt) :]
     else:  # the template merged tokens across the boundary: encode the turn on its own
@@ -128,9 +123,7 @@ def example_sequences(
             if len(prompt) + len(answer) <= max_tokens:
                 sequences.append((prompt, answer))
             continue
-        messages = [{"role": "user", "content": ex.question}]
-        if system_prompt:
-            messages.insert(0, {"role": "system", "content": system_prompt})
+        messages = chat_messages(system_prompt, ex.question)
         if getattr(tokenizer, "chat_template", None):
             messages.append(
                 {"role": "assistant", "content": render_completion(ex.reasoning, ex.answer)}
@@ -192,18 +185,14 @@ def train_sft(
         )
         lr = current_learning_rate(optimizer)
         (loss, tokens), grads = loss_and_grad(model, batch)
-        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
-        mx.eval(loss, tokens, grad_norm)
-        skipped = not (np.isfinite(loss.item()) and np.isfinite(grad_norm.item()))
-        if not skipped:
-            optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state)
+        mx.eval(loss, tokens, grads)
+        update = optimizer_step(model, optimizer, config.max_grad_norm, compile=False)
+        grad_norm, skipped = update.apply(grads, loss.item())
         elapsed = time.perf_counter() - start
         metrics = {
             "step": step,
             "loss": loss.item(),
-            "grad_norm": grad_norm.item(),
+            "grad_norm": grad_norm,
             "learning_rate": lr,
             "skipped_update": skipped,
             "train_tokens": int(tokens.item()),
