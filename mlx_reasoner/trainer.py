@@ -164,8 +164,7 @@ class GradientComputer:
 
 
 # On the CPU, ``mx.compile`` pays off for the training pass of small models, whose time goes on
-# dispatching many small kernels (0.8 of the uncompiled time on the 2.9M-parameter bench model),
-# and loses on large ones (1.08x the time and +0.3 GB at the Qwen2.5-0.5B width).
+# dispatching many small kernels, and loses on large ones (docs/performance.md).
 COMPILE_MAX_PARAMETERS = 50_000_000
 
 

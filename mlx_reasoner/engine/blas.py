@@ -1,8 +1,8 @@
 """Fast BLAS for MLX's Linux CPU backend: load OpenBLAS into the process before ``mlx.core``.
 
-The ``mlx[cpu]`` wheel links a bundled reference BLAS/LAPACK (~6 GFLOP/s on a 1024x1024 float32
-matmul). A library opened with ``RTLD_GLOBAL`` before ``libmlx.so`` is loaded wins the dynamic
-linker's symbol lookup, so MLX's ``cblas_sgemm`` and LAPACK calls then bind to OpenBLAS instead.
+The ``mlx[cpu]`` wheel links a bundled reference BLAS/LAPACK, many times slower than OpenBLAS. A
+library opened with ``RTLD_GLOBAL`` before ``libmlx.so`` is loaded wins the dynamic linker's
+symbol lookup, so MLX's ``cblas_sgemm`` and LAPACK calls then bind to OpenBLAS instead.
 That only works if it happens first: commands call ``backend.start()`` (which calls
 :func:`enable_fast_blas`) before anything imports mlx, and nothing here imports mlx at module level.
 
@@ -263,9 +263,8 @@ class DecodeThreads:
             self.current = self.counts[0]
 
 
-# Below this much weight a decode step's products read from cache, and switching counts cost
-# more than a second thread gains: measured 1.2x slower on the 12 MB bench model, 0.72x the time
-# on the 2 GB Qwen2.5-0.5B shape (docs/performance.md, "The decode's OpenBLAS threads").
+# Below this much weight a decode step's products read from cache, and switching counts costs
+# more than a second thread gains (docs/performance.md, "The decode's OpenBLAS threads").
 DECODE_THREADS_MIN_BYTES = 256 * 2**20
 
 

@@ -1,43 +1,20 @@
-"""Faster SwiGLU, attention, log-sum-exp and RoPE for MLX's CPU backend, used while we run a model.
+"""Faster SwiGLU and attention for MLX's x86-64 CPU backend, and RoPE shared across blocks.
 
-The Linux x86-64 ``mlx[cpu]`` wheel evaluates ``exp`` one float at a time, with each step of its
-polynomial a call into libm's ``fmaf``: about 10 ns per element for ``exp`` and ``softmax`` and
-15 ns for ``sigmoid``. The sigmoid inside a SwiGLU MLP and the softmax inside attention are
-where a training pass spends those: one per MLP unit and one per attended key, for every token,
-in the forward, reference and backward passes. On that backend this module swaps two of
-mlx-lm's functions for the same functions on a faster exponential (``_exp``):
+The Linux ``mlx[cpu]`` wheel evaluates ``exp`` one float at a time through libm, and the
+sigmoid of a SwiGLU MLP and the softmax of attention are where a training pass spends it.
+While ``fast_activations(model)`` is open, those two mlx-lm functions are swapped, in the
+module that defines the model, for the same functions on a faster exponential (``_exp``):
 
-- ``exp_polynomial`` for arrays of ``POLYNOMIAL_MIN_SIZE`` elements or more: range reduction,
-  a minimax polynomial and a bit cast, all adds and multiplies that the backend's fused kernels
-  run four floats at a time (about 1.1 ns per element);
-- ``power(e, x)`` (libm's ``powf``, about 3 ns) for smaller ones, such as a decode step's,
-  where its single fused node costs less than the polynomial's three.
+- ``exp_polynomial`` for large arrays: range reduction, a minimax polynomial and a bit cast,
+  all adds and multiplies that the backend's fused kernels vectorise;
+- ``power(e, x)`` for small ones (a decode step's), one fused node instead of three.
 
-The swapped functions:
-
-- ``swiglu``: ``gate * x / (1 + e^-gate)``, equal to ``silu(gate) * x`` to float32 rounding,
-  gradients included;
-- ``scaled_dot_product_attention``: scores, mask, a max-shifted softmax, values, equal to
-  ``mx.fast.scaled_dot_product_attention`` to float32 rounding; the query heads that share a
-  key/value head are rows of one matrix, one BLAS call per key/value head.
-
-The loss's log-sum-exp over the vocabulary keeps ``mx.logsumexp``: the polynomial lost to it at
-every vocabulary size measured (1.1x the time at 512 tokens, 3.9x and 16x the memory at
-Qwen2.5's 151,936; docs/performance.md).
-
-Both have hand-written gradients that keep no more than mlx-lm's functions do (the sigmoid is
-recomputed from the gate; the softmax's gradient needs only its output), so peak memory does not
-grow. Measured in turns (on / off, a LoRA training pass): 0.96 at the Qwen2.5-0.5B width, 1.03 on
-the bench model (docs/performance.md).
-The swap holds only while ``fast_activations(model)`` is open (the rollout and every
-log-probability pass open it), only for float32, only in the mlx-lm module that defines the
-model, and only for names that module takes from mlx-lm. ``MLX_REASONER_FAST_EXP=0`` turns it
-off; ``config.json`` and the bench record the choice under ``versions.activations``. macOS
-(Accelerate's vectorised ``exp``), GPUs and ARM CPUs are left alone.
-
-``shared_rope`` is separate: on any CPU, where ``mx.fast.rope`` is a composition of ordinary
-operations, the rollout's compiled decode step computes each step's RoPE angles once for all
-blocks instead of twice per block, with the same operations (bit-equal results).
+``swiglu`` and ``scaled_dot_product_attention`` agree with mlx-lm's to float32 rounding,
+gradients included, and keep no more for the backward pass. The loss's log-sum-exp over the
+vocabulary keeps ``mx.logsumexp`` (the polynomial lost there). Only float32, only on x86-64
+CPUs; ``MLX_REASONER_FAST_EXP=0`` turns it off. ``shared_rope`` lets the compiled decode
+compute each step's RoPE angles once for all blocks (bit-equal results). Figures:
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -93,8 +70,7 @@ _EXP_LOW, _EXP_HIGH = -87.3, 88.0  # 2^n stays a normal float32: -126 <= n <= 12
 @mx.compile  # one fused pass (three kernels) even where the caller is not compiled
 def exp_polynomial(x: mx.array) -> mx.array:
     """``e^x`` in float32 from adds, multiplies and one bit cast (no libm call), which the CPU
-    backend's fused kernels run several floats at a time: about 1 ns per element against 3 ns
-    for ``power`` and 10 ns for ``exp`` on the bench machine. Within a few float32 roundings of
+    backend's fused kernels run several floats at a time. Within a few float32 roundings of
     ``mx.exp``; 0 below -87.3 (where ``exp`` reaches the subnormals), e^88 above 88, NaN kept.
     """
     clipped = mx.clip(x, _EXP_LOW, _EXP_HIGH)
@@ -313,9 +289,9 @@ def packed_when_transposed(out_features: int, in_features: int, rows: int) -> bo
 def row_major(view: mx.array) -> mx.array:
     """A row-major copy of ``view`` (a transposed matrix, say), with the same numbers.
 
-    MLX's CPU ``copy`` of a transposed matrix reads it one element at a time (about 1.5 ns a
-    float on the bench machine: 250 µs for a 640 × 256 weight); a multiplication by one takes
-    the strided path of its elementwise kernels (85 µs) and gives every float back exactly.
+    MLX's CPU ``copy`` of a transposed matrix reads it one element at a time; a multiplication
+    by one takes the faster strided path of its elementwise kernels and gives every float back
+    exactly.
     """
     return view * mx.array(1, view.dtype)
 

@@ -1,10 +1,9 @@
 """The rollout's decode step for Qwen2- and Llama-style models, written out on 2-D rows.
 
 A decode step of a small model is a few hundred tiny operations, and on the CPU backend each
-graph node has a fixed cost of a few microseconds, more than most of them compute
-(docs/performance.md, "Where a decode step's time goes"). Run as mlx-lm's modules, one step of
-the bench model is 370 nodes. ``fused_step`` computes the same step as one function over the
-rows as ``[rows, features]`` matrices, in about half as many (174):
+graph node has a fixed cost larger than most of them compute. ``fused_step`` computes the same
+step as mlx-lm's modules as one function over ``[rows, features]`` matrices, in about half as
+many nodes:
 
 - the query, key and value projections as one product, their weights joined once per rollout
   while the joined copies stay small (``JOIN_LIMIT_BYTES``), their LoRA terms as one more;
@@ -24,7 +23,7 @@ It applies only to the module layouts it was written for (``fused_plan``): mlx-l
 and ``llama`` models, their linear layers plain ``nn.Linear`` or mlx-lm ``LoRALinear``s over
 them, with no dropout, one process. Anything else (quantized weights, other blocks, DoRA, a
 pipeline) takes the module-swap decode. The rollout checks the step once per model layout
-against a full forward pass, as it checks the other decode (``rollout.compiled_decode_supported``).
+against a full forward pass (``compiled_decode.compiled_decode_supported``).
 ``MLX_REASONER_FUSED_DECODE=0`` turns it off.
 """
 
