@@ -134,6 +134,7 @@ def test_mlx_imported_first_is_explained():
     assert "LD_PRELOAD=" in info["reason"]
 
 
+@pytest.mark.engine
 @linux_only
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the pip wheels checked on x86_64")
 def test_openblas_is_faster_and_gives_the_same_numbers():
@@ -246,6 +247,7 @@ def test_openblas_runs_on_mlxs_own_fortran_runtime():
     assert result["inverse_error"] < 1e-3
 
 
+@pytest.mark.engine
 @linux_only
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="cmeel-openblas checked on x86_64")
 @pytest.mark.skipif(not cmeel_openblas_installed(), reason="cmeel-openblas not installed")

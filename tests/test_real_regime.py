@@ -93,6 +93,7 @@ def test_rollout_stops_on_each_stop_token_and_hands_rewards_the_text(real_vocab_
     assert REWARDS["xml_count"](rollouts.texts, answers) == [0.5, 0.5]
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("stop", [IM_END, END_OF_TEXT])
 def test_compiled_decode_stops_on_each_stop_token(real_vocab_model, stop):
     model, tokenizer = real_vocab_model

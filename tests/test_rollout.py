@@ -203,6 +203,7 @@ def decode_both_ways(tiny_model, group_size: int):
     ]
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_compiled_decode_gives_the_batch_generators_tokens(tiny_model, group_size, decode_step):
     engine, ours = decode_both_ways(tiny_model, group_size)
@@ -213,6 +214,7 @@ def test_compiled_decode_gives_the_batch_generators_tokens(tiny_model, group_siz
     assert set(ours.finish_reasons) == {"stop", "length"}, "the sampler should give both"
 
 
+@pytest.mark.engine
 def test_compiled_decode_with_transposed_small_weights_gives_the_same_tokens(
     tiny_model, monkeypatch
 ):
@@ -239,6 +241,7 @@ def test_compiled_decode_with_transposed_small_weights_gives_the_same_tokens(
     assert ours.finish_reasons == engine.finish_reasons
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("max_tokens", [16, CACHE_MULTIPLE + 6])
 def test_compiled_decode_samples_what_the_batch_generator_samples(
     tiny_model, max_tokens, decode_step
@@ -263,6 +266,7 @@ def test_compiled_decode_samples_what_the_batch_generator_samples(
     assert len({tuple(ids) for ids in results[1].completion_ids}) > 1, "samples should differ"
 
 
+@pytest.mark.engine
 def test_compiled_decode_follows_adapter_updates_and_adapters_disabled(
     tiny_model, tiny_model_dir, decode_step
 ):
@@ -292,6 +296,7 @@ def test_compiled_decode_follows_adapter_updates_and_adapters_disabled(
     assert greedy(model) == adapted
 
 
+@pytest.mark.engine
 def test_the_compiled_decode_lets_go_of_a_model_once_another_is_decoded(
     tiny_model_dir, decode_step
 ):

@@ -45,6 +45,7 @@ def run_with_fake_work(monkeypatch, command: str):
     return CliRunner().invoke(main, [command, *args], terminal_width=120)
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_slow_blas_is_announced_before_any_work(command, monkeypatch):
     set_blas(monkeypatch, enabled=False)
@@ -75,6 +76,7 @@ def test_print_config_and_option_errors_come_without_the_notice(monkeypatch):
     assert result.exit_code == 1 and "Slow BLAS" not in result.output
 
 
+@pytest.mark.engine
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="macOS uses Accelerate")
 def test_a_real_run_on_the_reference_blas_shows_the_notice_first(tiny_model_dir, tmp_path):
     """``MLX_REASONER_FAST_BLAS=0`` in a fresh process: the notice, then the run and its
@@ -98,6 +100,7 @@ def test_a_real_run_on_the_reference_blas_shows_the_notice_first(tiny_model_dir,
     assert REFERENCE_NAME in output[header:]  # the header's BLAS line is still there
 
 
+@pytest.mark.engine
 @pytest.mark.parametrize("enabled", [True, False], ids=["fast", "slow"])
 def test_the_demos_time_budget_says_when_the_blas_is_slow(enabled, monkeypatch, tmp_path):
     from rich.console import Console
