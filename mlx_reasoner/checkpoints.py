@@ -2,7 +2,10 @@
 
 Files are written to a temporary name in the same folder, flushed to disk, then renamed
 over the old one, so a crash leaves either the previous file or the new one, never half.
+The text writers need no mlx (``report`` uses them); mlx is imported where arrays are written.
 """
+
+from __future__ import annotations
 
 import json
 import os
@@ -11,10 +14,12 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-
-import mlx.core as mx
+from typing import TYPE_CHECKING
 
 from .errors import ReasonerError
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -42,14 +47,14 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers never see a partial file."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers never see a partial file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -59,12 +64,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) so that readers never see a partial file."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=None) -> None:
     """``mx.save_safetensors`` through a temporary file and a rename."""
+    import mlx.core as mx
+
     path = Path(path)
     # mx.save_safetensors insists on the .safetensors suffix.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
@@ -193,6 +205,8 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     """Read a checkpoint: ``(adapter weights, optimizer state, trainer state)``."""
+    import mlx.core as mx
+
     path = Path(path)
     try:
         adapters = mx.load(str(path / ADAPTER_FILE))

@@ -221,6 +221,36 @@ def eval_command(debug: bool, **options) -> None:
         run_eval(EvalConfig(**options))
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="HTML file to write.  [default: RUN_DIR/report.html]",
+)
+@click.option(
+    "--png",
+    "png_dir",
+    type=click.Path(file_okay=False),
+    help="Also write each figure as DIR/NAME.png.",
+)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def report(run_dir: str, output: str | None, png_dir: str | None, debug: bool) -> None:
+    """One self-contained HTML page telling a run's story (opens from disk, no network).
+
+    Reward and each component, held-out accuracy, KL, clipping, completion lengths, zero-spread
+    groups, learning rate, step time and memory against the step, smoothed over the raw points;
+    the best and worst completions of an early and a late group; the configuration. Works on a
+    run still going, on SFT runs and on the demo's folder. Needs matplotlib
+    (pip install 'mlx-reasoner[report]').
+    """
+    from .report import write_report  # no mlx: a report needs no backend
+
+    with user_errors(debug):
+        click.echo(f"wrote {write_report(run_dir, output, png_dir)}")
+
+
 @main.command("strawberry-test")
 @click.option(
     "--model",
