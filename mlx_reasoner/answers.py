@@ -2,6 +2,7 @@
 solution and decide whether two answers are the same. Shared by rewards and evaluation."""
 
 import re
+from collections.abc import Sequence
 from fractions import Fraction
 
 _OPEN_TAG = "<answer>"
@@ -126,6 +127,36 @@ def answers_match(predicted: str, gold: str) -> bool:
         return True
     predicted_value, gold_value = _as_fraction(predicted_norm), _as_fraction(gold_norm)
     return predicted_value is not None and predicted_value == gold_value
+
+
+def majority_answer(answers: Sequence[str]) -> str:
+    """Return the most common answer, counting answers that match (:func:`answers_match`) as one.
+
+    Self-consistency (maj@K) votes with this over K sampled answers to a question. Empty answers
+    do not vote; a tie goes to the answer seen first.
+
+    Args:
+        answers: extracted answers, e.g. from :func:`extract_xml_answer`.
+
+    Returns:
+        The first-seen form of the winning answer, or ``""`` when no answer is non-empty.
+
+    >>> majority_answer(["5", "4", "$4.00", "", "5", "4.0"])
+    '4'
+    >>> majority_answer(["3/4", "0.75", "1"]), majority_answer(["", ""])
+    ('3/4', '')
+    """
+    votes: list[list] = []  # [first-seen answer, count]
+    for answer in answers:
+        if not normalize_answer(answer):
+            continue
+        for vote in votes:
+            if answers_match(answer, vote[0]):
+                vote[1] += 1
+                break
+        else:
+            votes.append([answer, 1])
+    return max(votes, key=lambda vote: vote[1])[0] if votes else ""
 
 
 def parse_gsm8k_answer(text: str) -> str:

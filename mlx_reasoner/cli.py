@@ -211,7 +211,8 @@ def sft(debug: bool, print_config: bool, config_file: str | None, **options) -> 
 def eval_command(debug: bool, **options) -> None:
     """Measure a model, with or without adapters, on held-out questions.
 
-    Greedy by default; --samples K draws K completions per question and reports pass@K.
+    Greedy by default; --samples K draws K completions per question and reports pass@K (one
+    is right) and maj@K (the most common answer is right) next to the mean accuracy.
     --compare puts the base model and the adapters side by side on the same questions.
     """
     start_backend("eval")

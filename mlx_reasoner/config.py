@@ -305,7 +305,10 @@ class EvalConfig:
     # Qwen2.5's GSM8K answers run ~270 tokens (57% would be cut at 256); 512 fits most.
     max_completion_tokens: int = option(512, "Completion length limit in tokens.", at_least=1)
     samples: int = option(
-        1, "Completions per question: 1 is greedy; K > 1 samples for pass@K.", at_least=1
+        1,
+        "Completions per question: 1 is greedy; K > 1 samples K for pass@K and maj@K "
+        "(the most common answer).",
+        at_least=1,
     )
     temperature: float = option(0.7, "Sampling temperature when --samples > 1.", above=0)
     batch_size: int = option(16, "Questions generated together.", at_least=1)

@@ -553,7 +553,11 @@ def eval_table(summaries: Mapping[str, Mapping[str, Any]]) -> Table:
     rows = [
         ("questions", "n", lambda v: f"{v:.0f}"),
         ("accuracy", "accuracy", lambda v: format_percent(v, 1)),
-        *[(key, key, lambda v: format_percent(v, 1)) for key in first if key.startswith("pass@")],
+        *[
+            (key, key, lambda v: format_percent(v, 1))
+            for key in first
+            if key.startswith(("pass@", "maj@"))
+        ],
         ("strict format", "strict_format_rate", lambda v: format_percent(v, 1)),
         ("soft format", "soft_format_rate", lambda v: format_percent(v, 1)),
         ("mean length (tokens)", "mean_completion_tokens", lambda v: f"{v:.1f}"),
