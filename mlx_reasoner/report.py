@@ -9,6 +9,7 @@ opens from disk. The same folder gives the same bytes. No mlx here: ``report`` s
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -301,38 +302,46 @@ STYLE = {
 MARGINS = {"left": 0.11, "right": 0.98, "bottom": 0.14, "top": 0.9}
 
 
+@contextlib.contextmanager
+def report_style():
+    """matplotlib's defaults plus ``STYLE``, whatever the user's matplotlibrc says."""
+    import matplotlib
+    from matplotlib import style
+
+    with style.context("default"), matplotlib.rc_context(STYLE):
+        yield
+
+
 def draw_figure(spec: FigureSpec, metrics: Sequence[dict]) -> bytes | None:
-    """The figure as PNG bytes, or None when the run logged none of its metrics."""
+    """The figure as PNG bytes, or None when the run logged none of its metrics; call it
+    inside ``report_style()``."""
     series = figure_series(spec, metrics)
     if not series:
         return None
-    import matplotlib
-    from matplotlib import style
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-    with style.context("default"), matplotlib.rc_context(STYLE):
-        figure = Figure()
-        figure.subplots_adjust(**MARGINS)  # fixed: a layout engine would double the time
-        FigureCanvasAgg(figure)
-        axes = figure.add_subplot()
-        if spec.stacked:
-            _draw_stacked(axes, series, metrics)
-        else:
-            _draw_lines(axes, spec, series, metrics)
-        axes.set_title(spec.title, loc="left", fontweight="bold")
-        axes.set_xlabel("step")
-        axes.set_ylabel(spec.ylabel)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if spec.percent:
-            axes.yaxis.set_major_formatter(PercentFormatter(1.0))
-        if spec.from_zero:
-            axes.set_ylim(bottom=0)
-        if len(series) > 1 or spec.stacked:
-            axes.legend(loc="best")
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", metadata={"Software": None})
+    figure = Figure()
+    figure.subplots_adjust(**MARGINS)  # fixed: a layout engine would double the time
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if spec.stacked:
+        _draw_stacked(axes, series, metrics)
+    else:
+        _draw_lines(axes, spec, series, metrics)
+    axes.set_title(spec.title, loc="left", fontweight="bold")
+    axes.set_xlabel("step")
+    axes.set_ylabel(spec.ylabel)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if spec.percent:
+        axes.yaxis.set_major_formatter(PercentFormatter(1.0))
+    if spec.from_zero:
+        axes.set_ylim(bottom=0)
+    if len(series) > 1 or spec.stacked:
+        axes.legend(loc="best")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
 
 
@@ -388,10 +397,11 @@ def draw_figures(metrics: Sequence[dict], prefix: str = "") -> dict[str, tuple[F
     except ImportError:
         raise ReasonerError(MATPLOTLIB_MISSING) from None
     drawn = {}
-    for spec in FIGURES:
-        png = draw_figure(spec, metrics)
-        if png is not None:
-            drawn[prefix + spec.name] = (spec, png)
+    with report_style():  # once: entering it costs as much as drawing a small figure
+        for spec in FIGURES:
+            png = draw_figure(spec, metrics)
+            if png is not None:
+                drawn[prefix + spec.name] = (spec, png)
     return drawn
 
 
