@@ -252,6 +252,42 @@ def report(run_dir: str, output: str | None, png_dir: str | None, debug: bool) -
         click.echo(f"wrote {write_report(run_dir, output, png_dir)}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder to create (refused if it exists and is not empty).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["4", "8"]),
+    default=None,
+    help="Quantize the fused model to 4 or 8 bits (mlx-lm's affine quantization).",
+)
+@click.option("--base", default=None, help="Base model, if not the run's --model (e.g. it moved).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def export(run_dir: str, output: str, quantize: str | None, base: str | None, debug: bool) -> None:
+    """Fuse a run's adapters into its base model: a folder mlx-lm loads, generates and serves.
+
+    mlx-lm's own fuse and quantize code; the tokenizer, chat template, the run's system prompt
+    (system_prompt.txt) and a model card (README.md: base, recipe, steps, final figures) go
+    with the weights. Then: mlx_lm.generate --model OUTPUT, mlx_lm.server --model OUTPUT, or
+    mlx-reasoner chat --model OUTPUT.
+    """
+    start_backend("export")
+    from .export import export_model
+    from .ui import console
+
+    with user_errors(debug):
+        folder = export_model(
+            run_dir, output, int(quantize) if quantize else None, base, log=console.print
+        )
+        console.print(f"wrote {folder}; try: mlx-reasoner chat --model {folder}")
+
+
 @main.command("strawberry-test")
 @click.option(
     "--model",
