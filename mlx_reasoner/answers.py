@@ -1,5 +1,5 @@
 """Answer extraction and normalisation: pull the answer out of a completion or a GSM8K
-solution and decide whether two answers are the same. Shared by rewards and evaluation."""
+solution and decide whether two answers are the same. Shared by rewards, evaluation and chat."""
 
 import re
 from collections.abc import Sequence
@@ -53,6 +53,32 @@ def extract_xml_answer(text: str) -> str:
     if end >= 0:
         body = body[:end]
     return body.strip()
+
+
+def split_completion(text: str) -> tuple[str, str]:
+    """A completion, or the part of it streamed so far, as ``(reasoning, answer)``.
+
+    The reasoning is what stands inside ``<reasoning>`` (up to its closing tag, or the answer,
+    or the end so far), or before ``<answer>`` when the tag is missing; the answer is what
+    :func:`extract_xml_answer` reads. A completion with neither tag is all answer.
+
+    >>> split_completion("<reasoning>\\n2 + 2\\n</reasoning>\\n<answer>\\n4\\n</answer>")
+    ('2 + 2', '4')
+    >>> split_completion("<reasoning>\\nstill thinking")
+    ('still thinking', '')
+    >>> split_completion("Just 4.")
+    ('', 'Just 4.')
+    """
+    has_reasoning, has_answer = "<reasoning>" in text, "<answer>" in text
+    if not has_reasoning and not has_answer:
+        return "", text.strip()
+    if has_reasoning:
+        reasoning = text.split("<reasoning>", 1)[1]
+        for end in ("</reasoning>", "<answer>"):
+            reasoning = reasoning.split(end, 1)[0]
+    else:  # thinking written without the tag, before the answer
+        reasoning = text.split("<answer>", 1)[0]
+    return reasoning.strip(), extract_xml_answer(text) if has_answer else ""
 
 
 def normalize_answer(text: str) -> str:

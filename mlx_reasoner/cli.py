@@ -288,6 +288,60 @@ def export(run_dir: str, output: str, quantize: str | None, base: str | None, de
         console.print(f"wrote {folder}; try: mlx-reasoner chat --model {folder}")
 
 
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path())
+@click.option(
+    "--model",
+    default=None,
+    help="Base model (hub id or folder; an exported model too). Default: the run's.",
+)
+@click.option("--adapter-path", default=None, help="Adapters to use, when not given as RUN_DIR.")
+@click.option(
+    "--system-prompt",
+    default=None,
+    help="Built-in name or file. Default: the run's own prompt, an exported model's "
+    "system_prompt.txt, or 'reasoning'.",
+)
+@click.option("--prompt", "question", default=None, help="Answer this one question and exit.")
+@click.option(
+    "--compare", is_flag=True, help="Show the base model's answer (adapters off) next to it."
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(1),
+    default=None,
+    help="Reply length limit in tokens. Default: the run's --max-completion-tokens, or 512.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Sampling temperature; 0 is greedy.",
+)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def chat(
+    run_dir, model, adapter_path, system_prompt, question, compare, max_tokens, temperature, debug
+):
+    """Talk to a trained model: mlx-reasoner chat runs/<name>.
+
+    Each question is asked with the run's system prompt; the answer streams in, its reasoning
+    and its answer in separate panels. --compare shows the base model's answer next to it;
+    --prompt "..." answers once and exits (plain text when the output is not a terminal).
+    Questions may also come on standard input, one a line. Leave with exit or Ctrl-D.
+    """
+    with user_errors(debug):
+        from .chat import resolve_chat  # no mlx: bad options fail before anything loads
+
+        setup = resolve_chat(run_dir, model, adapter_path, system_prompt, max_tokens)
+        if compare and setup.adapter_path is None:
+            raise ReasonerError("--compare needs adapters (a RUN_DIR or --adapter-path)")
+        start_backend("chat")
+        from .chat import run_chat
+
+        run_chat(setup, question, compare, temperature)
+
+
 @main.command("strawberry-test")
 @click.option(
     "--model",
