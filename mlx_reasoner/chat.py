@@ -213,6 +213,8 @@ def _terminal_reader(console, live: bool) -> Callable[[], str | None]:
             line = sys.stdin.readline()
             return line if line else None
         except (EOFError, KeyboardInterrupt):
+            if live:
+                console.print()  # leave the prompt's line
             return None
 
     return read

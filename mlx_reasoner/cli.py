@@ -181,7 +181,7 @@ def train(debug: bool, print_config: bool, config_file: str | None, **options) -
         config_file,
         print_config,
         debug,
-        "try: mlx_lm.generate --model MODEL --adapter-path {run_dir}",
+        "try: mlx-reasoner chat {run_dir}; mlx-reasoner report {run_dir}",
     )
 
 
