@@ -53,7 +53,9 @@ class FigureSpec:
     percent: bool = False
     stacked: bool = False
     smoothed: bool = True  # False for what is exact already (the schedule, the peak memory)
-    from_zero: bool = False  # the y axis starts at 0 (amounts whose small wobbles mislead)
+    # The y axis starts at 0, its top set by the data (amounts whose small wobbles mislead, and
+    # shares that stay small); other shares span 0-100%.
+    from_zero: bool = False
 
 
 # In story order. A figure is drawn when the run logged any of its metrics, so a GRPO run, an
@@ -112,6 +114,7 @@ FIGURES = (
         (("clip_fraction", "share clipped"),),
         caption="Tokens whose policy ratio left [1 - epsilon, 1 + epsilon-high].",
         percent=True,
+        from_zero=True,
     ),
     FigureSpec("grad_norm", "Gradient norm (before clipping)", (("grad_norm", "norm"),)),
     FigureSpec(
@@ -286,7 +289,7 @@ def figure_series(spec: FigureSpec, metrics: Sequence[dict]) -> list[tuple[str, 
 # A fixed look, whatever the user's matplotlibrc says, so that the bytes are the same everywhere.
 STYLE = {
     "figure.figsize": (6.4, 3.4),
-    "figure.dpi": 100,
+    "figure.dpi": 160,  # 1024 x 544 pixels: sharp on a high-density screen
     "font.size": 9,
     "axes.grid": True,
     "grid.alpha": 0.3,
@@ -336,8 +339,11 @@ def draw_figure(spec: FigureSpec, metrics: Sequence[dict]) -> bytes | None:
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if spec.percent:
         axes.yaxis.set_major_formatter(PercentFormatter(1.0))
+    if spec.percent and not spec.from_zero:
+        axes.set_ylim(-0.03, 1.03)  # a share is read against the whole
     if spec.from_zero:
-        axes.set_ylim(bottom=0)
+        top = max(axes.get_ylim()[1], 0.0)
+        axes.set_ylim(-0.02 * top, top)  # a line at zero stays visible above the axis
     if len(series) > 1 or spec.stacked:
         axes.legend(loc="best")
     buffer = io.BytesIO()
