@@ -23,6 +23,7 @@ import numpy as np
 
 from .checkpoints import atomic_write_bytes, atomic_write_text
 from .errors import ReasonerError
+from .ui import format_seconds
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -446,17 +447,11 @@ def headline(metrics: Sequence[dict]) -> dict[str, str]:
     if (cut := recent_mean(metrics, "truncated_fraction")) is not None:
         out["cut at the limit"] = f"{cut:.0%} ({window})"
     if (seconds := sum(metric_series(metrics, "time_step")[1])) > 0:
-        out["training time"] = _duration(seconds)
+        out["training time"] = format_seconds(seconds)
     _, memory = metric_series(metrics, "peak_memory_gb")
     if len(memory):
         out["peak memory"] = f"{memory.max():.2f} GB"
     return out
-
-
-def _duration(seconds: float) -> str:
-    from .ui import format_seconds
-
-    return format_seconds(seconds)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -296,7 +296,7 @@ class TrainingRun:
             self.display.message(f"resumed from {path} at step {start}")
         self.metrics_log = JsonlWriter(self.run_dir / "metrics.jsonl")
         self.rollouts_log = JsonlWriter(self.run_dir / "rollouts.jsonl")
-        self.tracker = RunTracker(self.config, self.run_dir)
+        self.tracker = RunTracker(self.config, self.run_dir, warn=self.display.message)
         return StepHooks(
             self.config,
             self.display,
@@ -452,6 +452,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
                         if config.eval_every
                         else "off"
                     ),
+                    **tracking_header(config, run_dir),
                     "device": str(mx.default_device()),
                     "BLAS": backend.blas_summary()["name"],
                 }
@@ -483,6 +484,16 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
         if not started:
             _discard_unstarted_run(run_dir)
     return run_dir
+
+
+def tracking_header(config, run_dir: Path) -> dict:
+    """The header line saying where the run's report and W&B logs go, when anywhere."""
+    where = []
+    if config.report_every:
+        where.append(f"{run_dir / 'report.html'} every {config.report_every} steps")
+    if config.report_to:
+        where.append(config.report_to)
+    return {"report": ", ".join(where)} if where else {}
 
 
 def check_lora_layers(config) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+from .checkpoints import atomic_write_text
 from .errors import ReasonerError
 from .report import MATPLOTLIB_MISSING, REPORT_FILE, build_report
 
@@ -36,11 +38,13 @@ class RunTracker:
     Args:
         config: the run's ``RunConfig`` (``report_every``, ``report_to``, ``steps``).
         run_dir: the run folder; the report is written there, W&B's files under ``wandb/``.
+        warn: where a report that could not be written is said (training goes on).
     """
 
-    def __init__(self, config, run_dir: Path):
+    def __init__(self, config, run_dir: Path, warn: Callable[[str], None] = print):
         self.config = config
         self.run_dir = Path(run_dir)
+        self.warn = warn
         self.wandb_run = None
         if config.report_to == "wandb":
             self.wandb_run = start_wandb(config, self.run_dir)
@@ -53,13 +57,17 @@ class RunTracker:
         config = self.config
         refresh = config.report_every > 0 and is_due(step, config.report_every, config.steps)
         figures = self.wandb_run is not None and (refresh or step == config.steps)
-        report = build_report(self.run_dir) if refresh or figures else None
-        if refresh:
-            from .checkpoints import atomic_write_text
-
-            atomic_write_text(self.run_dir / REPORT_FILE, report.html)
+        report = None
+        if refresh or figures:
+            try:
+                report = build_report(self.run_dir)
+                if refresh:
+                    atomic_write_text(self.run_dir / REPORT_FILE, report.html)
+            except (OSError, ReasonerError) as exc:  # a report is no reason to stop training
+                self.warn(f"step {step}: report not written ({exc}); training goes on")
         if self.wandb_run is not None:
-            log_to_wandb(self.wandb_run, step, metrics, report.images if figures else {})
+            images = report.images if figures and report is not None else {}
+            log_to_wandb(self.wandb_run, step, metrics, images)
 
     def close(self) -> None:
         if self.wandb_run is not None:
@@ -83,8 +91,6 @@ def start_wandb(config, run_dir: Path):
         config=config.to_dict(),
     )
     if not id_file.is_file():
-        from .checkpoints import atomic_write_text
-
         atomic_write_text(id_file, run_id + "\n")
     return run
 

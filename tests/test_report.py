@@ -326,6 +326,19 @@ def test_training_refreshes_the_report_and_logs_to_wandb_offline(
     assert (run_dir / "wandb_run_id.txt").read_text().strip() in offline.name
 
 
+def test_a_failed_refresh_warns_and_training_goes_on(tmp_path):
+    from mlx_reasoner.config import TrainConfig
+    from mlx_reasoner.tracking import RunTracker
+
+    said = []
+    tracker = RunTracker(TrainConfig(steps=4, report_every=2), tmp_path, warn=said.append)
+    tracker.after_step(1, {"step": 1})
+    assert said == []  # not due
+    tracker.after_step(2, {"step": 2})  # due, but the folder has no metrics.jsonl
+    assert len(said) == 1 and "step 2: report not written" in said[0]
+    assert "training goes on" in said[0] and not (tmp_path / "report.html").exists()
+
+
 def test_report_options_are_checked_before_anything_loads(tmp_path, monkeypatch):
     import importlib.util
 
