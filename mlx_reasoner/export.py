@@ -21,6 +21,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoints import ADAPTER_CONFIG, atomic_write_text, fsync_dir
 from .errors import ReasonerError
+from .report import METRICS_FILE, headline, read_json, read_jsonl, recipe
 
 QUANTIZE_BITS = (4, 8)
 SYSTEM_PROMPT_FILE = "system_prompt.txt"  # chat --model reads it from an exported folder
@@ -56,20 +57,12 @@ def export_source(run_dir: str | Path, base: str | None = None) -> ExportSource:
             "save (--save-every) or an mlx-lm adapter folder"
         )
     check_adapter_dir(str(folder))
-    adapter_config = _read_json(folder / ADAPTER_CONFIG)
-    config = _read_json(folder / "config.json")
+    adapter_config = read_json(folder / ADAPTER_CONFIG)
+    config = read_json(folder / "config.json")
     found = base or adapter_config.get("model") or config.get("model")
     if not found:
         raise ReasonerError(f"{folder} does not say which base model it adapts; pass --base MODEL")
     return ExportSource(folder, found, base is None, adapter_config, config)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def check_output(output: str | Path) -> Path:
@@ -198,8 +191,6 @@ def write_extras(folder: Path, name: str, source: ExportSource, quantize_bits: i
 
 def model_card(name: str, source: ExportSource, quantize_bits: int | None, prompt) -> str:
     """A short Hugging Face style card: base model, recipe, steps, final figures, usage."""
-    from .report import METRICS_FILE, headline, read_jsonl, recipe
-
     adapter, config = source.adapter_config, source.config
     trainer = adapter.get("trainer") or config.get("command") or "mlx-reasoner"
     steps = adapter.get("step")

@@ -215,7 +215,7 @@ class RunLogs:
 
 def read_run(folder: Path) -> RunLogs:
     """Read a run folder (``train``, ``sft``, or the demo's warm start) as it is now."""
-    config = _read_json(folder / CONFIG_FILE)
+    config = read_json(folder / CONFIG_FILE)
     if "command" not in config:  # a model folder's config.json (the demo's warm start)
         config = {}
     metrics, unreadable = read_jsonl(folder / METRICS_FILE)
@@ -224,7 +224,8 @@ def read_run(folder: Path) -> RunLogs:
     return RunLogs(folder, config, metrics, early, late, unreadable)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object file's contents; {} where it is missing, unreadable or not an object."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -520,7 +521,7 @@ def build_report(folder: Path) -> Report:
 
 
 def _demo_report(folder: Path) -> Report:
-    summary = _read_json(folder / DEMO_SUMMARY)
+    summary = read_json(folder / DEMO_SUMMARY)
     body, images = [_demo_summary(summary)], {}
     for name, heading in (("sft", "1. Warm start (SFT)"), ("grpo", "2. GRPO")):
         if (folder / name / METRICS_FILE).is_file():
