@@ -451,7 +451,8 @@ def headline(metrics: Sequence[dict]) -> dict[str, str]:
         out["training time"] = format_seconds(seconds)
     _, memory = metric_series(metrics, "peak_memory_gb")
     if len(memory):
-        out["peak memory"] = f"{memory.max():.2f} GB"
+        peak = memory.max()
+        out["peak memory"] = f"{peak:.2f} GB" if peak >= 0.1 else f"{peak * 1000:.1f} MB"
     return out
 
 
@@ -602,12 +603,14 @@ def _cards(values: dict[str, str]) -> str:
 
 def best_and_worst(records: Sequence[dict]) -> tuple[dict, dict] | None:
     """The highest- and lowest-reward completion of the first group (first prompt) among a
-    step's rollout records; ties go to the earlier completion."""
+    step's rollout records: the first of the best and the last of the worst, so that a group
+    whose completions all scored the same still shows two of them."""
     if not records:
         return None
     group = [r for r in records if r.get("prompt") == records[0].get("prompt")]
-    rewards = [r.get("reward", 0.0) for r in group]
-    return group[int(np.argmax(rewards))], group[int(np.argmin(rewards))]
+    rewards = np.array([r.get("reward", 0.0) for r in group])
+    worst = len(group) - 1 - int(np.argmin(rewards[::-1]))
+    return group[int(np.argmax(rewards))], group[worst]
 
 
 def _samples_html(logs: RunLogs) -> str:
@@ -620,9 +623,11 @@ def _samples_html(logs: RunLogs) -> str:
         if pair is None:
             continue
         best, worst = pair
+        same = best.get("reward") == worst.get("reward")
         parts.append(
             f'<p class="question"><b>Step {esc(best["step"])} ({when})</b>: '
-            f'{esc(best.get("prompt", ""))} <i>gold: {esc(best.get("answer", ""))}</i></p>'
+            f'{esc(best.get("prompt", ""))} <i>gold: {esc(best.get("answer", ""))}</i>'
+            f'{" (every completion of this group scored the same)" if same else ""}</p>'
         )
         parts.append('<div class="samples">')
         parts += [_sample_html("best", best), _sample_html("worst", worst)]

@@ -253,6 +253,9 @@ def test_best_and_worst_come_from_the_first_group():
     best, worst = best_and_worst(records)
     assert (best["reward"], worst["reward"]) == (2.0, 0.0)
     assert best_and_worst([]) is None
+    same = [{"prompt": "a", "reward": 1.0, "completion": c} for c in "xyz"]
+    best, worst = best_and_worst(same)
+    assert (best["completion"], worst["completion"]) == ("x", "z"), "two different ones"
 
 
 def test_smoothing_keeps_level_and_does_not_lag():
