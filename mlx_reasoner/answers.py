@@ -1,7 +1,8 @@
 """Answer extraction and normalisation: pull the answer out of a completion or a GSM8K
-solution and decide whether two answers are the same. Shared by rewards and evaluation."""
+solution and decide whether two answers are the same. Shared by rewards, evaluation and chat."""
 
 import re
+from collections.abc import Sequence
 from fractions import Fraction
 
 _OPEN_TAG = "<answer>"
@@ -52,6 +53,32 @@ def extract_xml_answer(text: str) -> str:
     if end >= 0:
         body = body[:end]
     return body.strip()
+
+
+def split_completion(text: str) -> tuple[str, str]:
+    """A completion, or the part of it streamed so far, as ``(reasoning, answer)``.
+
+    The reasoning is what stands inside ``<reasoning>`` (up to its closing tag, or the answer,
+    or the end so far), or before ``<answer>`` when the tag is missing; the answer is what
+    :func:`extract_xml_answer` reads. A completion with neither tag is all answer.
+
+    >>> split_completion("<reasoning>\\n2 + 2\\n</reasoning>\\n<answer>\\n4\\n</answer>")
+    ('2 + 2', '4')
+    >>> split_completion("<reasoning>\\nstill thinking")
+    ('still thinking', '')
+    >>> split_completion("Just 4.")
+    ('', 'Just 4.')
+    """
+    has_reasoning, has_answer = "<reasoning>" in text, "<answer>" in text
+    if not has_reasoning and not has_answer:
+        return "", text.strip()
+    if has_reasoning:
+        reasoning = text.split("<reasoning>", 1)[1]
+        for end in ("</reasoning>", "<answer>"):
+            reasoning = reasoning.split(end, 1)[0]
+    else:  # thinking written without the tag, before the answer
+        reasoning = text.split("<answer>", 1)[0]
+    return reasoning.strip(), extract_xml_answer(text) if has_answer else ""
 
 
 def normalize_answer(text: str) -> str:
@@ -126,6 +153,36 @@ def answers_match(predicted: str, gold: str) -> bool:
         return True
     predicted_value, gold_value = _as_fraction(predicted_norm), _as_fraction(gold_norm)
     return predicted_value is not None and predicted_value == gold_value
+
+
+def majority_answer(answers: Sequence[str]) -> str:
+    """Return the most common answer, counting answers that match (:func:`answers_match`) as one.
+
+    Self-consistency (maj@K) votes with this over K sampled answers to a question. Empty answers
+    do not vote; a tie goes to the answer seen first.
+
+    Args:
+        answers: extracted answers, e.g. from :func:`extract_xml_answer`.
+
+    Returns:
+        The first-seen form of the winning answer, or ``""`` when no answer is non-empty.
+
+    >>> majority_answer(["5", "4", "$4.00", "", "5", "4.0"])
+    '4'
+    >>> majority_answer(["3/4", "0.75", "1"]), majority_answer(["", ""])
+    ('3/4', '')
+    """
+    votes: list[list] = []  # [first-seen answer, count]
+    for answer in answers:
+        if not normalize_answer(answer):
+            continue
+        for vote in votes:
+            if answers_match(answer, vote[0]):
+                vote[1] += 1
+                break
+        else:
+            votes.append([answer, 1])
+    return max(votes, key=lambda vote: vote[1])[0] if votes else ""
 
 
 def parse_gsm8k_answer(text: str) -> str:

@@ -2,7 +2,10 @@
 
 Files are written to a temporary name in the same folder, flushed to disk, then renamed
 over the old one, so a crash leaves either the previous file or the new one, never half.
+The text writers need no mlx (``report`` uses them); mlx is imported where arrays are written.
 """
+
+from __future__ import annotations
 
 import json
 import os
@@ -11,10 +14,12 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-
-import mlx.core as mx
+from typing import TYPE_CHECKING
 
 from .errors import ReasonerError
+
+if TYPE_CHECKING:
+    import mlx.core as mx
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -23,7 +28,8 @@ TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (where the file system allows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -42,21 +48,26 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers never see a partial file."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers never see a partial file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) so that readers never see a partial file."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -65,6 +76,8 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=None) -> None:
     """``mx.save_safetensors`` through a temporary file and a rename."""
+    import mlx.core as mx
+
     path = Path(path)
     # mx.save_safetensors insists on the .safetensors suffix.
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
@@ -76,7 +89,7 @@ def atomic_save_safetensors(path: Path, arrays: dict[str, mx.array], metadata=No
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_adapters(folder: Path, weights: dict[str, mx.array], adapter_config: dict) -> None:
@@ -182,7 +195,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in _checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):  # left by a process killed mid-write
@@ -193,6 +206,8 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     """Read a checkpoint: ``(adapter weights, optimizer state, trainer state)``."""
+    import mlx.core as mx
+
     path = Path(path)
     try:
         adapters = mx.load(str(path / ADAPTER_FILE))

@@ -181,7 +181,7 @@ def train(debug: bool, print_config: bool, config_file: str | None, **options) -
         config_file,
         print_config,
         debug,
-        "try: mlx_lm.generate --model MODEL --adapter-path {run_dir}",
+        "try: mlx-reasoner chat {run_dir}; mlx-reasoner report {run_dir}",
     )
 
 
@@ -211,7 +211,8 @@ def sft(debug: bool, print_config: bool, config_file: str | None, **options) -> 
 def eval_command(debug: bool, **options) -> None:
     """Measure a model, with or without adapters, on held-out questions.
 
-    Greedy by default; --samples K draws K completions per question and reports pass@K.
+    Greedy by default; --samples K draws K completions per question and reports pass@K (one
+    is right) and maj@K (the most common answer is right) next to the mean accuracy.
     --compare puts the base model and the adapters side by side on the same questions.
     """
     start_backend("eval")
@@ -219,6 +220,126 @@ def eval_command(debug: bool, **options) -> None:
 
     with user_errors(debug):
         run_eval(EvalConfig(**options))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="HTML file to write.  [default: RUN_DIR/report.html]",
+)
+@click.option(
+    "--png",
+    "png_dir",
+    type=click.Path(file_okay=False),
+    help="Also write each figure as DIR/NAME.png.",
+)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def report(run_dir: str, output: str | None, png_dir: str | None, debug: bool) -> None:
+    """One self-contained HTML page telling a run's story (opens from disk, no network).
+
+    Reward and each component, held-out accuracy, KL, clipping, completion lengths, zero-spread
+    groups, learning rate, step time and memory against the step, smoothed over the raw points;
+    the best and worst completions of an early and a late group; the configuration. Works on a
+    run still going, on SFT runs and on the demo's folder. Needs matplotlib
+    (pip install 'mlx-reasoner[report]').
+    """
+    from .report import write_report  # no mlx: a report needs no backend
+
+    with user_errors(debug):
+        click.echo(f"wrote {write_report(run_dir, output, png_dir)}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder to create (refused if it exists and is not empty).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["4", "8"]),
+    default=None,
+    help="Quantize the fused model to 4 or 8 bits (mlx-lm's affine quantization).",
+)
+@click.option("--base", default=None, help="Base model, if not the run's --model (e.g. it moved).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def export(run_dir: str, output: str, quantize: str | None, base: str | None, debug: bool) -> None:
+    """Fuse a run's adapters into its base model: a folder mlx-lm loads, generates and serves.
+
+    mlx-lm's own fuse and quantize code; the tokenizer, chat template, the run's system prompt
+    (system_prompt.txt) and a model card (README.md: base, recipe, steps, final figures) go
+    with the weights. Then: mlx_lm.generate --model OUTPUT, mlx_lm.server --model OUTPUT, or
+    mlx-reasoner chat --model OUTPUT.
+    """
+    start_backend("export")
+    from .export import export_model
+    from .ui import console
+
+    with user_errors(debug):
+        folder = export_model(
+            run_dir, output, int(quantize) if quantize else None, base, log=console.print
+        )
+        console.print(f"wrote {folder}; try: mlx-reasoner chat --model {folder}")
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path())
+@click.option(
+    "--model",
+    default=None,
+    help="Base model (hub id or folder; an exported model too). Default: the run's.",
+)
+@click.option("--adapter-path", default=None, help="Adapters to use, when not given as RUN_DIR.")
+@click.option(
+    "--system-prompt",
+    default=None,
+    help="Built-in name or file. Default: the run's own prompt, an exported model's "
+    "system_prompt.txt, or 'reasoning'.",
+)
+@click.option("--prompt", "question", default=None, help="Answer this one question and exit.")
+@click.option(
+    "--compare", is_flag=True, help="Show the base model's answer (adapters off) next to it."
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(1),
+    default=None,
+    help="Reply length limit in tokens. Default: the run's --max-completion-tokens, or 512.",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Sampling temperature; 0 is greedy.",
+)
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def chat(
+    run_dir, model, adapter_path, system_prompt, question, compare, max_tokens, temperature, debug
+):
+    """Talk to a trained model: mlx-reasoner chat runs/<name>.
+
+    Each question is asked with the run's system prompt; the answer streams in, its reasoning
+    and its answer in separate panels. --compare shows the base model's answer next to it;
+    --prompt "..." answers once and exits (plain text when the output is not a terminal).
+    Questions may also come on standard input, one a line. Leave with exit or Ctrl-D.
+    """
+    with user_errors(debug):
+        from .chat import resolve_chat  # no mlx: bad options fail before anything loads
+
+        setup = resolve_chat(run_dir, model, adapter_path, system_prompt, max_tokens)
+        if compare and setup.adapter_path is None:
+            raise ReasonerError("--compare needs adapters (a RUN_DIR or --adapter-path)")
+        start_backend("chat")
+        from .chat import run_chat
+
+        run_chat(setup, question, compare, temperature)
 
 
 @main.command("strawberry-test")

@@ -27,6 +27,7 @@ IMPORTANCE_LEVELS = ("token", "sequence")
 DEFAULT_LORA_LAYERS = 16  # LoRA on the last 16 blocks unless --lora-layers says otherwise
 
 KL_REFERENCES = ("start", "base")
+REPORT_SERVICES = ("wandb",)  # tracking.py logs to them
 
 
 def option(default, help: str, **extra):
@@ -109,6 +110,18 @@ class RunConfig:
     run_dir: str | None = option(None, "Output folder; default runs/<timestamp>.")
     save_every: int = option(50, "Save adapters every N steps (and at the end).", at_least=0)
     sample_every: int = option(10, "Show a sample completion every N steps (0: never).", at_least=0)
+    report_every: int = option(
+        0,
+        "Rewrite report.html in the run folder every N steps and at the end (0: never; "
+        "needs matplotlib: pip install 'mlx-reasoner[report]').",
+        at_least=0,
+    )
+    report_to: str | None = option(
+        None,
+        "Also log each step's metrics and the report's figures to wandb (Weights & Biases; "
+        "pip install 'mlx-reasoner[wandb]'; project: $WANDB_PROJECT or mlx-reasoner).",
+        choices=REPORT_SERVICES,
+    )
     compile: bool = option(
         True, "mx.compile the training pass and the rollout's decode step (models that allow it)."
     )
@@ -305,7 +318,10 @@ class EvalConfig:
     # Qwen2.5's GSM8K answers run ~270 tokens (57% would be cut at 256); 512 fits most.
     max_completion_tokens: int = option(512, "Completion length limit in tokens.", at_least=1)
     samples: int = option(
-        1, "Completions per question: 1 is greedy; K > 1 samples for pass@K.", at_least=1
+        1,
+        "Completions per question: 1 is greedy; K > 1 samples K for pass@K and maj@K "
+        "(the most common answer).",
+        at_least=1,
     )
     temperature: float = option(0.7, "Sampling temperature when --samples > 1.", above=0)
     batch_size: int = option(16, "Questions generated together.", at_least=1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .answers import answers_match, extract_xml_answer
+from .answers import answers_match, extract_xml_answer, majority_answer
 from .data import Example
 from .prompts import encode_prompt
 from .rollout import generate_groups
@@ -27,7 +27,7 @@ SUMMARY_KEYS = (
 
 @dataclass
 class EvalResult:
-    summary: dict  # accuracy, format rates, lengths, n, samples, pass@k
+    summary: dict  # accuracy, format rates, lengths, n, samples, pass@k and maj@k
     samples: list[dict]  # one record per completion
 
 
@@ -52,14 +52,14 @@ def evaluate(
         system_prompt: the prompt text the model was trained with.
         max_tokens: completion length limit.
         samples: completions per question; 1 decodes greedily, more sample at
-            ``temperature`` and report pass@k and mean accuracy.
+            ``temperature`` and report pass@k, maj@k and mean accuracy.
         batch_size: questions generated together.
         seed: sampling seed (the same seed gives the same samples).
         progress: called with ``(questions_done, total)`` after each batch.
 
     Returns:
         An ``EvalResult``: the summary (keys in ``SUMMARY_KEYS`` plus ``n``, ``samples``
-        and, for several samples, ``pass@k``) and one record per completion.
+        and, for several samples, ``pass@k`` and ``maj@k``) and one record per completion.
     """
     from mlx_lm.sample_utils import make_sampler
 
@@ -116,10 +116,22 @@ def summarize(records: Sequence[dict], samples: int) -> dict:
         "samples": samples,
     }
     if samples > 1:
+        by_question: dict[int, list[dict]] = {}
+        for r in records:
+            by_question.setdefault(r["index"], []).append(r)
         # With exactly k samples per question, pass@k is the share of questions solved at
         # least once (the unbiased estimator reduces to this when n = k).
-        solved = {}
-        for r in records:
-            solved[r["index"]] = solved.get(r["index"], False) or r["correct"]
-        summary[f"pass@{samples}"] = float(np.mean(list(solved.values())))
+        summary[f"pass@{samples}"] = float(
+            np.mean([any(r["correct"] for r in group) for group in by_question.values()])
+        )
+        summary[f"maj@{samples}"] = float(
+            np.mean([majority_correct(group) for group in by_question.values()])
+        )
     return summary
+
+
+def majority_correct(group: Sequence[dict]) -> bool:
+    """Self-consistency: whether the most common extracted answer of one question's samples is
+    right (``answers.majority_answer``; empty answers do not vote)."""
+    voted = majority_answer([r["extracted"] for r in group])
+    return bool(voted) and answers_match(voted, group[0]["answer"])

@@ -24,7 +24,9 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
-def load_model(name_or_path: str, adapter_path: str | None = None) -> tuple[nn.Module, object]:
+def load_model(
+    name_or_path: str, adapter_path: str | None = None, return_config: bool = False
+) -> tuple:
     """Load a model and tokenizer with ``mlx_lm.load``.
 
     Args:
@@ -32,9 +34,10 @@ def load_model(name_or_path: str, adapter_path: str | None = None) -> tuple[nn.M
             mlx-lm model directory (quantized models work too: training them is QLoRA).
         adapter_path: an existing adapter folder to apply (``adapter_config.json`` +
             ``adapters.safetensors``).
+        return_config: also return the model's ``config.json`` as mlx-lm read it.
 
     Returns:
-        ``(model, tokenizer)``.
+        ``(model, tokenizer)``, or ``(model, tokenizer, config)`` with ``return_config``.
 
     Raises:
         ReasonerError: when the model cannot be loaded, with what to pass instead.
@@ -55,6 +58,7 @@ def load_model(name_or_path: str, adapter_path: str | None = None) -> tuple[nn.M
         return load(
             str(Path(name_or_path).expanduser()) if local else name_or_path,
             adapter_path=adapter_path,
+            return_config=return_config,
         )
     except Exception as exc:  # mlx-lm/hf-hub raise many types; all mean "cannot load"
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]

@@ -255,6 +255,7 @@ class TrainingRun:
         self.last_step = 0
         self.metrics_log = None
         self.rollouts_log = None
+        self.tracker = None
 
     def starting_adapters(self) -> dict | None:
         """The KL reference's adapters: those training started from (``--adapter-path``),
@@ -279,6 +280,7 @@ class TrainingRun:
         from mlx.utils import tree_unflatten
 
         from .checkpoints import latest_checkpoint, load_checkpoint, truncate_jsonl
+        from .tracking import RunTracker
         from .trainer import StepHooks
 
         start = 0
@@ -294,6 +296,7 @@ class TrainingRun:
             self.display.message(f"resumed from {path} at step {start}")
         self.metrics_log = JsonlWriter(self.run_dir / "metrics.jsonl")
         self.rollouts_log = JsonlWriter(self.run_dir / "rollouts.jsonl")
+        self.tracker = RunTracker(self.config, self.run_dir, warn=self.display.message)
         return StepHooks(
             self.config,
             self.display,
@@ -309,6 +312,7 @@ class TrainingRun:
         if records:
             self.rollouts_log.write(records)
         self.last_step = step
+        self.tracker.after_step(step, metrics)  # reads the logs just written
 
     def on_save(self, step: int) -> None:
         """Adapters at the top of the run folder, plus a checkpoint to resume from."""
@@ -353,6 +357,8 @@ class TrainingRun:
         for log in (self.metrics_log, self.rollouts_log):
             if log is not None:
                 log.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def resume_command(run_dir: Path, trainer: str) -> str:
@@ -372,6 +378,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
     from .memory import preflight
     from .model import check_adapter_dir
     from .prompts import load_system_prompt
+    from .tracking import check_tracking
     from .trainer import StopTraining
     from .ui import TrainDisplay
 
@@ -379,6 +386,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
     if config.adapter_path is not None and not config.resume:
         check_adapter_dir(config.adapter_path)
     check_lora_layers(config)
+    check_tracking(config)
     # A GRPO step that cannot fit is refused here, before any folder or model (memory.py).
     preflight(config, system_prompt)
     if config.resume:
@@ -444,6 +452,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
                         if config.eval_every
                         else "off"
                     ),
+                    **tracking_header(config, run_dir),
                     "device": str(mx.default_device()),
                     "BLAS": backend.blas_summary()["name"],
                 }
@@ -477,6 +486,16 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
     return run_dir
 
 
+def tracking_header(config, run_dir: Path) -> dict:
+    """The header line saying where the run's report and W&B logs go, when anywhere."""
+    where = []
+    if config.report_every:
+        where.append(f"{run_dir / 'report.html'} every {config.report_every} steps")
+    if config.report_to:
+        where.append(config.report_to)
+    return {"report": ", ".join(where)} if where else {}
+
+
 def check_lora_layers(config) -> None:
     """Refuse an explicit ``--lora-layers`` above the model's depth from its config.json, before
     data or weights are loaded (where the shape cannot be read, ``attach_lora`` refuses it)."""
@@ -492,8 +511,13 @@ def check_lora_layers(config) -> None:
 
 def _discard_unstarted_run(run_dir: Path) -> None:
     """Remove what a run that never finished a step wrote, and its folder if that empties it."""
-    for name in ("config.json", "metrics.jsonl", "rollouts.jsonl", STARTING_ADAPTERS):
+    from .report import REPORT_FILE
+    from .tracking import WANDB_ID_FILE
+
+    names = ("config.json", "metrics.jsonl", "rollouts.jsonl", STARTING_ADAPTERS, REPORT_FILE)
+    for name in (*names, WANDB_ID_FILE):
         (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "wandb", ignore_errors=True)  # --report-to wandb's files
     if run_dir.is_dir() and not any(run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -553,7 +553,11 @@ def eval_table(summaries: Mapping[str, Mapping[str, Any]]) -> Table:
     rows = [
         ("questions", "n", lambda v: f"{v:.0f}"),
         ("accuracy", "accuracy", lambda v: format_percent(v, 1)),
-        *[(key, key, lambda v: format_percent(v, 1)) for key in first if key.startswith("pass@")],
+        *[
+            (key, key, lambda v: format_percent(v, 1))
+            for key in first
+            if key.startswith(("pass@", "maj@"))
+        ],
         ("strict format", "strict_format_rate", lambda v: format_percent(v, 1)),
         ("soft format", "soft_format_rate", lambda v: format_percent(v, 1)),
         ("mean length (tokens)", "mean_completion_tokens", lambda v: f"{v:.1f}"),
@@ -600,3 +604,47 @@ def strawberry_view(results: Mapping[str, Sequence[Mapping[str, Any]]]) -> Group
         )
         blocks.extend([title, table])
     return Group(*blocks)
+
+
+def reply_view(replies: Mapping[str, str]) -> Table:
+    """Chat replies side by side, one column per model, each as a reasoning panel over an answer
+    panel; a reply still streaming shows what has come so far."""
+    from .answers import split_completion
+
+    table = Table.grid(expand=True, padding=(0, 1))
+    for _ in replies:
+        table.add_column(ratio=1)
+    columns = []
+    for name, text in replies.items():
+        reasoning, answer = split_completion(text)
+        columns.append(
+            Group(
+                Panel(
+                    Text(reasoning or "…", style="dim"),
+                    title=f"{name} · reasoning",
+                    title_align="left",
+                    border_style="blue",
+                ),
+                Panel(
+                    Text(answer or "…", style="bold"),
+                    title=f"{name} · answer",
+                    title_align="left",
+                    border_style="green",
+                ),
+            )
+        )
+    table.add_row(*columns)
+    return table
+
+
+def reply_text(replies: Mapping[str, str], headers: bool = False) -> str:
+    """Chat replies as plain text for scripts and logs: ``reasoning:`` and ``answer:`` blocks,
+    under a ``== name ==`` line each when ``headers``."""
+    from .answers import split_completion
+
+    blocks = []
+    for name, text in replies.items():
+        reasoning, answer = split_completion(text)
+        block = f"reasoning:\n{reasoning or '(none)'}\nanswer:\n{answer or '(none)'}"
+        blocks.append(f"== {name} ==\n{block}" if headers else block)
+    return "\n".join(blocks)

@@ -92,3 +92,30 @@ def real_vocab_model(real_vocab_model_dir: Path):
 def real_tokenizer(real_vocab_model_dir: Path):
     """The real Qwen2.5 tokenizer as ``mlx_lm.load`` gives it (shared: do not mutate)."""
     return mlx_lm.load(str(real_vocab_model_dir))[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real short GRPO run of the tiny model on task:letter-count: 4 steps of 2 prompts x 4
+    completions, held-out evaluation and adapters every 2 steps. Shared: copy it to change it."""
+    import io
+
+    from rich.console import Console
+
+    from mlx_reasoner.config import TrainConfig
+    from mlx_reasoner.run import run_train
+
+    config = TrainConfig(
+        model=str(tiny_model_dir),
+        dataset="task:letter-count",
+        steps=4,
+        batch_size=2,
+        group_size=4,
+        max_completion_tokens=12,
+        eval_every=2,
+        eval_limit=4,
+        save_every=2,
+        sample_every=0,
+        run_dir=str(tmp_path_factory.mktemp("tiny_run") / "run"),
+    )
+    return run_train(config, console=Console(file=io.StringIO()), live=False)

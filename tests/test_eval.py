@@ -66,6 +66,40 @@ def test_pass_at_k_counts_questions_solved_at_least_once(monkeypatch):
     assert summary["n"] == 2 and summary["samples"] == 3
 
 
+def answer(value: str) -> str:
+    return f"<reasoning>\nthinking\n</reasoning>\n<answer>\n{value}\n</answer>\n"
+
+
+def test_maj_at_k_votes_over_extracted_answers(monkeypatch):
+    """Three questions, three samples each (gold 4): q1's majority (4, $4.00) is right though
+    one sample is wrong; q2 is solved once but its majority (5, 5.0) is wrong; q3 has two
+    empty answers, which do not vote, so its one right answer wins."""
+    texts = [
+        answer("4"), answer("5"), answer("$4.00"),
+        answer("5"), answer("4"), answer("5.0"),
+        "no tags", answer("4"), "",
+    ]  # fmt: skip
+    monkeypatch.setattr(evaluate_module, "generate_groups", fake_generate([texts]))
+    examples = [Example(f"q{i}", "4") for i in range(3)]
+    summary = evaluate(None, FakeTokenizer(), examples, "", samples=3).summary
+    assert summary["maj@3"] == pytest.approx(2 / 3)
+    assert summary["pass@3"] == 1.0
+    assert summary["accuracy"] == pytest.approx(4 / 9)
+
+
+def test_maj_at_k_sits_next_to_pass_at_k_in_the_table():
+    from rich.console import Console
+
+    from mlx_reasoner.ui import eval_table
+
+    summary = {"n": 2, "accuracy": 0.25, "pass@4": 0.5, "maj@4": 0.5, "samples": 4}
+    console = Console(width=80, record=True)
+    console.print(eval_table({"model": summary}))
+    lines = [line for line in console.export_text().splitlines() if "@4" in line]
+    assert [line.split()[1] for line in lines] == ["pass@4", "maj@4"]
+    assert all("50.0%" in line for line in lines)
+
+
 def test_summary_of_hand_made_records():
     records = [
         {
@@ -160,6 +194,8 @@ def test_eval_compare_base_and_adapter(tiny_model_dir, eval_file, eval_adapter, 
     assert "base" in result.output and "adapter" in result.output
     summary = json.loads((out / "eval.json").read_text())
     assert "pass@2" in summary and "pass@2" in summary["base"]
+    assert "maj@2" in summary and "maj@2" in summary["base"] and "maj@2" in result.output
+    assert summary["maj@2"] <= summary["pass@2"]
     assert summary["adapter_path"] == str(eval_adapter)
     lines = [json.loads(x) for x in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert len(lines) == 2 * 5 * 2
