@@ -63,7 +63,7 @@ def launched_size() -> int:
             hosts = json.loads(Path(path).read_text() or "[]")
         except (OSError, ValueError):
             return 2  # unreadable: let mx.distributed.init say what is wrong with it
-        return len(hosts) if isinstance(hosts, list) else 1
+        return max(len(hosts), 1) if isinstance(hosts, list) else 1
     return 1
 
 
@@ -73,7 +73,9 @@ def peer_timeout() -> float:
     try:
         value = float(text) if text else DEFAULT_TIMEOUT_S
     except ValueError:
-        raise ReasonerError(f"{TIMEOUT_VARIABLE} must be a number of seconds, got {text!r}")
+        raise ReasonerError(
+            f"{TIMEOUT_VARIABLE} must be a number of seconds, got {text!r}"
+        ) from None
     if value <= 0:
         raise ReasonerError(f"{TIMEOUT_VARIABLE} must be positive, got {text!r}")
     return value
@@ -317,7 +319,7 @@ class World:
     def _give_up(self, what: str) -> None:
         who = "" if self.is_main else f"rank {self.rank}: "
         sys.stderr.write(
-            f"{who}error: no answer from the other ranks for {self.timeout:.0f} s while {what}; "
+            f"{who}error: no answer from the other ranks for {self.timeout:g} s while {what}; "
             f"a rank hangs or the network is down (raise {TIMEOUT_VARIABLE} if steps are "
             "this uneven)\n"
         )
