@@ -19,32 +19,31 @@ def user_errors(debug: bool) -> Iterator[None]:
     """Turn known problems into a one-line message and exit status 1 (traceback with --debug).
 
     In a distributed run, rank 0 speaks for the run: the other ranks say only what happened
-    to them alone, prefixed with their rank, and end after rank 0 (``World.outlive_main``).
+    to them alone, prefixed with their rank (``quiet_if_reported``).
     """
     from .ui import on_error
 
+    rank = launched_rank()
+    prefix = f"rank {rank}: " if rank else ""  # rank 0 speaks for the run, unprefixed
     try:
         yield
     except ReasonerError as exc:
-        rank = launched_rank()
         if rank:
-            other_rank_exit(exc, rank, debug)
-        on_error(str(exc), debug, exit_code=exc.exit_code)
+            quiet_if_reported(exc)
+        on_error(f"{prefix}{exc}", debug, exit_code=exc.exit_code)
     except KeyboardInterrupt:
-        on_error("interrupted", debug, exit_code=130)
+        on_error(f"{prefix}interrupted", debug, exit_code=130)
 
 
-def other_rank_exit(exc: ReasonerError, rank: int, debug: bool) -> None:
-    """End a rank other than 0 of a distributed run: quietly when rank 0 reports why the run
-    ended, else with its own message; in either case after rank 0 has ended."""
+def quiet_if_reported(exc: ReasonerError) -> None:
+    """On a rank other than 0: when every rank learnt together why the run ends (``RunEnded``),
+    leave the report to rank 0 and end after it, silently. Any other error is this rank's
+    own, and it ends at once: the others learn it from its closed connection."""
     from .distributed import PeerLost, RunEnded, current_world
-    from .ui import err_console, on_error
 
-    with contextlib.suppress(ReasonerError):  # no group was formed: nothing to wait for
-        current_world().outlive_main()
     if isinstance(exc, RunEnded) and not isinstance(exc, PeerLost):
+        current_world().outlive_main()
         raise SystemExit(exc.exit_code)
-    on_error(f"rank {rank}: {exc}", debug, console=err_console, exit_code=exc.exit_code)
 
 
 def start_backend(command: str) -> None:

@@ -276,14 +276,11 @@ class World:
                     )
                     raise ReasonerError(message) if self.is_main else RunEnded(message)
 
-    def barrier(self, what: str) -> None:
-        """Wait until every rank gets here."""
-        self.gather(None, what)
-
     def outlive_main(self) -> None:
         """On a rank other than 0, wait for rank 0 to end (its connection closes) before this
         process ends: ``mlx.launch`` stops every rank as soon as one exits with an error, and
-        rank 0 must first finish writing and say why the run ended."""
+        rank 0 must first finish writing and say why the run ended. Only where every rank
+        knows the run is ending (``RunEnded``): rank 0 must make no further collective."""
         if not self.is_distributed or self.is_main:
             return
         import mlx.core as mx

@@ -182,6 +182,9 @@ def grpo_args(model_dir, rewards, run_dir, steps=4):
         "bnpo",  # normalised by the whole step's tokens: a rank's own count would show
         "--micro-batch-size",
         "4",
+        "--dynamic-sampling",  # the rounds are decided on the whole step's rewards
+        "--max-resample",
+        "1",
         "--save-every",
         "2",
         "--eval-every",
