@@ -509,3 +509,39 @@ def test_a_collective_with_no_answer_ends_the_process_after_the_peer_timeout():
     assert result.stderr.startswith(
         "error: no answer from the other ranks for 0.5 s while sharing the step's rollouts"
     )
+
+
+def test_one_process_never_touches_mx_distributed(tiny_model_dir, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("one process called mx.distributed")
+
+    for name in ("init", "all_sum", "all_gather", "is_available"):
+        monkeypatch.setattr(mx.distributed, name, refuse)
+    runner = CliRunner()
+    model = ["--model", str(tiny_model_dir), "--lora-layers", "-1"]
+    short = ["--steps", "2", "--max-completion-tokens", "4", "--eval-every", "2"]
+    grpo = tmp_path / "grpo"
+    args = ["train", *model, *short, "--dataset", "task:arithmetic", "--group-size", "2"]
+    result = runner.invoke(main, [*args, "--eval-limit", "2", "--run-dir", str(grpo)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((grpo / "config.json").read_text())["world_size"] == 1
+    result = runner.invoke(
+        main,
+        [
+            "sft",
+            *model,
+            "--steps",
+            "2",
+            "--dataset",
+            "task:letter-count",
+            "--run-dir",
+            str(tmp_path / "s"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        main,
+        ["eval", "--model", str(tiny_model_dir), "--adapter-path", str(grpo), "--limit", "2"]
+        + ["--dataset", "task:arithmetic", "--max-completion-tokens", "4"],
+    )
+    assert result.exit_code == 0, result.output
