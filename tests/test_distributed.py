@@ -2,11 +2,12 @@
 ring``) against one process.
 
 What "the same run" means: each rank samples its share of a step with its own random stream,
-so two ranks do not draw the completions one process would. The two-rank run records the
-rollouts each rank generated; one process then trains on exactly those rollouts (its decode
-replaced by a replay) and must end with the same logs and adapters, to float32 tolerance:
-everything after generation (rewards, advantages, normalisers, gradients, update, logs) is
-compared, on identical rollouts. SFT has no sampling, so it is compared directly.
+so two ranks do not draw the completions one process would. The two-rank run (stopped by a
+signal on rank 1 and resumed on the way) records the rollouts each rank generated; one process
+then trains on exactly those rollouts (its decode replaced by a replay) and must end with the
+same logs and adapters, to float32 tolerance: everything after generation (rewards, advantages,
+normalisers, gradients, update, logs) is compared, on identical rollouts. SFT and eval have no
+sampling here, so they are compared directly.
 """
 
 import json
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -26,10 +28,11 @@ from mlx_reasoner import trainer
 from mlx_reasoner.checkpoints import latest_checkpoint
 from mlx_reasoner.cli import main
 from mlx_reasoner.config import TrainConfig
-from mlx_reasoner.distributed import World, launched_rank, launched_size
+from mlx_reasoner.distributed import RunEnded, World, launched_rank, launched_size
 from mlx_reasoner.errors import ReasonerError
 from mlx_reasoner.rollout import Rollouts
 from mlx_reasoner.run import check_batch_split, check_world_size
+from mlx_reasoner.trainer import StepHooks
 
 LAUNCH_TIMEOUT_S = 120  # each launch; a hang fails the test instead of blocking CI
 
@@ -268,35 +271,49 @@ def eval_args(model_dir, adapters):
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_model_dir, tmp_path_factory):
-    """One launch of two ranks: a 4-step GRPO run (each rank's rollouts recorded), an SFT run
-    and an evaluation of the GRPO adapters."""
+    """Two launches of two ranks (a launch mostly costs the start of its processes):
+
+    1. 4-step GRPO; SIGINT to rank 1 alone during step 3 stops both ranks after it;
+    2. the GRPO run resumed to its end, an SFT run and an evaluation of the GRPO adapters.
+
+    Each rank's rollouts are recorded across both launches.
+    """
     tmp_path = tmp_path_factory.mktemp("two_ranks")
     rewards = tmp_path / "rewards.py"
     rewards.write_text(REWARDS)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     grpo, sft = tmp_path / "grpo", tmp_path / "sft"
+    record = {"RECORD_PREFIX": str(tmp_path / "rollouts.rank")}
+
+    signal_on_rank_1 = {"ACTION": "SIGINT", "STOP_RANK": "1", "STOP_AT_CALL": "3", **record}
+    commands = [grpo_args(tiny_model_dir, rewards, grpo)]
+    code, stopped, seconds = launch([str(driver), json.dumps(commands)], tmp_path, signal_on_rank_1)
+    print(f"two ranks, GRPO stopped at step 3: {seconds:.1f} s")
+    after_stop = {
+        "output": stopped,
+        "checkpoint": latest_checkpoint(grpo),
+        "steps": [m["step"] for m in read_jsonl(grpo / "metrics.jsonl")],
+        "ranks ended": ranks_ended(tmp_path),
+    }
+
     commands = [
-        grpo_args(tiny_model_dir, rewards, grpo),
+        ["train", "--resume", str(grpo)],
         ["sft", "--model", str(tiny_model_dir), *SFT_ARGS, "--run-dir", str(sft)],
         [*eval_args(tiny_model_dir, grpo), "--output", str(tmp_path / "eval")],
     ]
-    code, output, seconds = launch(
-        [str(driver), json.dumps(commands)],
-        tmp_path,
-        env={"RECORD_PREFIX": str(tmp_path / "rollouts.rank")},
-    )
+    code, output, seconds = launch([str(driver), json.dumps(commands)], tmp_path, record)
     assert code == 0 and output.count("done: adapters in") == 2, output
-    print(f"two ranks, train + sft + eval: {seconds:.1f} s")
-    records = [read_jsonl(tmp_path / f"rollouts.rank{r}") for r in range(2)]
+    print(f"two ranks, GRPO resumed + SFT + eval: {seconds:.1f} s")
     return {
         "dir": tmp_path,
         "grpo": grpo,
         "sft": sft,
         "eval": tmp_path / "eval",
+        "after_stop": after_stop,
         "output": output,
         "rewards": rewards,
-        "records": records,
+        "records": [read_jsonl(tmp_path / f"rollouts.rank{r}") for r in range(2)],
     }
 
 
@@ -347,38 +364,28 @@ def test_two_ranks_match_one_process_on_the_same_rollouts(
     assert sum("eval/accuracy" in m for m in two) == 2
     assert_same_metrics(two, one)
     assert_same_adapters(run["grpo"], single)
-    for got, want in zip(
-        read_jsonl(run["grpo"] / "rollouts.jsonl"), read_jsonl(single / "rollouts.jsonl")
-    ):
+    two_records = read_jsonl(run["grpo"] / "rollouts.jsonl")
+    one_records = read_jsonl(single / "rollouts.jsonl")
+    assert len(two_records) == len(one_records) == 4 * 4 * 3
+    for got, want in zip(two_records, one_records):
         assert got["prompt"] == want["prompt"] and got["completion"] == want["completion"]
         assert got["reward"] == want["reward"] and got["advantage"] == want["advantage"]
 
 
 @pytest.mark.slow
-def test_a_signal_on_rank_1_stops_both_after_the_same_step_and_resume_matches(
-    two_ranks, tiny_model_dir, tmp_path
-):
+def test_a_signal_on_rank_1_stops_both_after_the_same_step_and_the_run_resumes(two_ranks):
     """SIGINT to rank 1 alone during step 3: both ranks finish step 3, rank 0 checkpoints and
-    prints the resume command; resuming on two ranks ends where the unbroken run ended."""
-    run_dir = tmp_path / "run"
-    args = grpo_args(tiny_model_dir, two_ranks["rewards"], run_dir)
-    env = {"ACTION": "SIGINT", "STOP_RANK": "1", "STOP_AT_CALL": "3"}
-    code, output, _ = launch(["-m", "mlx_reasoner.cli", *args], tmp_path, env)
-    assert "stopped by SIGINT on rank 1; checkpoint of step 3 saved" in output, output
-    assert f"mlx-reasoner train --resume {run_dir}" in output
-    assert latest_checkpoint(run_dir).name == "step_0000003"
-    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
-    assert ranks_ended(tmp_path)
-
-    code, output, _ = launch(
-        ["-m", "mlx_reasoner.cli", "train", "--resume", str(run_dir)], tmp_path
-    )
-    assert code == 0 and "resumed from" in output, output
-    unbroken = two_ranks["grpo"]
-    assert_same_metrics(
-        read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(unbroken / "metrics.jsonl")
-    )
-    assert_same_adapters(run_dir, unbroken)
+    prints the resume command, and nobody is left running. The run resumes on two ranks (and
+    ends matching one process: the test above), not on one."""
+    stop, run_dir = two_ranks["after_stop"], two_ranks["grpo"]
+    assert "stopped by SIGINT on rank 1; checkpoint of step 3 saved" in stop["output"], stop
+    assert f"mlx-reasoner train --resume {run_dir}" in stop["output"]
+    assert stop["checkpoint"].name == "step_0000003" and stop["steps"] == [1, 2, 3]
+    assert stop["ranks ended"]
+    assert "resumed from" in two_ranks["output"]
+    result = CliRunner().invoke(main, ["train", "--resume", str(run_dir)])  # one process
+    assert result.exit_code == 1
+    assert "was trained on 2 processes and this resume has 1; resume it on 2" in result.output
 
 
 @pytest.mark.slow
@@ -386,7 +393,7 @@ def test_a_killed_rank_ends_the_run_with_one_line_from_rank_0(tiny_model_dir, tm
     rewards = tmp_path / "rewards.py"
     rewards.write_text(REWARDS)
     args = grpo_args(tiny_model_dir, rewards, tmp_path / "run")
-    env = {"ACTION": "SIGKILL", "STOP_RANK": "1", "STOP_AT_CALL": "2"}
+    env = {"ACTION": "SIGKILL", "STOP_RANK": "1", "STOP_AT_CALL": "1"}
     code, output, seconds = launch(["-m", "mlx_reasoner.cli", *args], tmp_path, env)
     errors = [line for line in output.splitlines() if "error:" in line]
     assert errors and errors[0].startswith("error: lost contact with the other ranks"), output
@@ -545,3 +552,51 @@ def test_one_process_never_touches_mx_distributed(tiny_model_dir, tmp_path, monk
         + ["--dataset", "task:arithmetic", "--max-completion-tokens", "4"],
     )
     assert result.exit_code == 0, result.output
+
+
+@dataclass(frozen=True)
+class ScriptedWorld(World):
+    """A rank of a two-rank world whose peer's answers to ``gather`` are given."""
+
+    peer: object = None
+
+    def gather(self, obj, what=""):
+        return [obj, self.peer] if self.rank == 0 else [self.peer, obj]
+
+
+def test_ranks_holding_other_data_are_refused_by_rank_0_and_quiet_elsewhere():
+    mine, theirs = {"examples": "7473, digest aa"}, {"examples": "7000, digest bb"}
+    fix = "every machine needs the same dataset"
+    with pytest.raises(ReasonerError) as refused:
+        ScriptedWorld(rank=0, size=2, peer=theirs).check_same(mine, "comparing", fix)
+    assert not isinstance(refused.value, RunEnded)
+    assert str(refused.value) == (
+        "rank 1 has other examples than rank 0 (7000, digest bb vs 7473, digest aa); " + fix
+    )
+    with pytest.raises(RunEnded):
+        ScriptedWorld(rank=1, size=2, peer=mine).check_same(theirs, "comparing", fix)
+    ScriptedWorld(rank=0, size=2, peer=mine).check_same(mine, "comparing", fix)
+
+
+def test_one_rank_failing_to_start_stops_every_rank_with_its_message():
+    with pytest.raises(RunEnded, match=r"rank 1 of 2 could not go on \(loading\): no such file"):
+        ScriptedWorld(rank=0, size=2, peer="no such file").agree(None, "loading")
+    with pytest.raises(RunEnded, match="rank 0 of 2 could not go on"):
+        ScriptedWorld(rank=1, size=2, peer="disk full").agree(None, "loading")
+    own = ReasonerError("disk full")
+    with pytest.raises(ReasonerError, match="disk full"):
+        ScriptedWorld(rank=0, size=2, peer=None).agree(own, "loading")
+    ScriptedWorld(rank=0, size=2, peer=None).agree(None, "loading")
+
+
+def test_a_stop_asked_on_any_rank_stops_every_rank():
+    config = TrainConfig(steps=5)
+    hooks = StepHooks(
+        config,
+        display=None,
+        should_stop=lambda: None,
+        world=ScriptedWorld(rank=0, size=2, peer="stopped by SIGTERM"),
+    )
+    assert hooks._stop_reason() == "stopped by SIGTERM on rank 1"
+    hooks.world = ScriptedWorld(rank=0, size=2, peer=None)
+    assert hooks._stop_reason() is None
