@@ -267,20 +267,24 @@ def run_sft(config, console=None, live: bool | None = None, world: World | None 
     return training_run(config, "mlx-reasoner sft", fit, console, live, header=header, world=world)
 
 
-SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+SIGNAL_EXIT_CODES = {"SIGHUP": 129, "SIGINT": 130, "SIGTERM": 143}
 
 
 class StopSignals:
     """Turn the first Ctrl-C / SIGTERM into a request to stop after the current step.
 
     A second signal interrupts at once (KeyboardInterrupt); files are written atomically, so
-    the last complete checkpoint survives either way.
+    the last complete checkpoint survives either way. A rank of a distributed run also takes
+    SIGHUP so: one that ``mlx.launch`` started over ssh gets it when its terminal goes.
     """
 
-    def __init__(self, display):
+    def __init__(self, display, hang_up: bool = False):
         self.display = display
         self.received: str | None = None
         self._previous = {}
+        self._signals = [signal.SIGINT, signal.SIGTERM]
+        if hang_up and hasattr(signal, "SIGHUP"):
+            self._signals.append(signal.SIGHUP)
 
     def _handle(self, signum, frame):
         if self.received is not None:
@@ -293,7 +297,7 @@ class StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self._signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -325,7 +329,7 @@ class TrainingRun:
         self.examples = loaded["examples"]
         self.held_out = loaded["held_out"]
         self.system_prompt = loaded["system_prompt"]
-        self.signals = StopSignals(display)
+        self.signals = StopSignals(display, hang_up=world.is_distributed)
         self.optimizer = None  # set by the command's fit() before restore()
         self.sampler = None
         self.last_step = 0
