@@ -60,7 +60,7 @@ def launched_size() -> int:
         if not path:
             continue
         try:
-            hosts = json.loads(Path(path).read_text() or "[]")
+            hosts = json.loads(Path(path).read_text().strip() or "[]")
         except (OSError, ValueError):
             return 2  # unreadable: let mx.distributed.init say what is wrong with it
         return max(len(hosts), 1) if isinstance(hosts, list) else 1

@@ -468,7 +468,7 @@ def test_launcher_settings_are_read_without_mlx(tmp_path, monkeypatch):
     monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
     monkeypatch.setenv("MLX_RANK", "1")
     assert launched_size() == 2 and launched_rank() == 1
-    hostfile.write_text("")  # mlx.launch -n 1 leaves it empty: one process
+    hostfile.write_text("\n")  # mlx.launch -n 1 leaves it empty: one process
     assert launched_size() == 1 and launched_rank() is None
 
 
