@@ -619,7 +619,9 @@ def training_run(
                     message, exit_code=exit_code
                 ) from None
             except KeyboardInterrupt:
-                found = latest_checkpoint(run_dir) if world.is_main else None
+                if not world.is_main:  # rank 0 knows the checkpoints
+                    raise ReasonerError("interrupted at once", exit_code=130) from None
+                found = latest_checkpoint(run_dir)
                 where = f"the last checkpoint is {found}" if found else "no checkpoint yet"
                 raise ReasonerError(
                     (
