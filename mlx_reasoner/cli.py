@@ -10,30 +10,52 @@ import click
 
 from . import __version__
 from .config import EvalConfig, SFTConfig, TrainConfig, field_type, option_flag
+from .distributed import launched_rank
 from .errors import ReasonerError
 
 
 @contextlib.contextmanager
 def user_errors(debug: bool) -> Iterator[None]:
-    """Turn known problems into a one-line message and exit status 1 (traceback with --debug)."""
+    """Turn known problems into a one-line message and exit status 1 (traceback with --debug).
+
+    In a distributed run, rank 0 speaks for the run: the other ranks say only what happened
+    to them alone, prefixed with their rank (``quiet_if_reported``).
+    """
     from .ui import on_error
 
+    rank = launched_rank()
+    prefix = f"rank {rank}: " if rank else ""  # rank 0 speaks for the run, unprefixed
     try:
         yield
     except ReasonerError as exc:
-        on_error(str(exc), debug, exit_code=exc.exit_code)
+        if rank:
+            quiet_if_reported(exc)
+        on_error(f"{prefix}{exc}", debug, exit_code=exc.exit_code)
     except KeyboardInterrupt:
-        on_error("interrupted", debug, exit_code=130)
+        on_error(f"{prefix}interrupted", debug, exit_code=130)
+
+
+def quiet_if_reported(exc: ReasonerError) -> None:
+    """On a rank other than 0: when every rank learnt together why the run ends (``RunEnded``),
+    leave the report to rank 0 and end after it, silently. Any other error is this rank's
+    own, and it ends at once: the others learn it from its closed connection."""
+    from .distributed import PeerLost, RunEnded, current_world
+
+    if isinstance(exc, RunEnded) and not isinstance(exc, PeerLost):
+        current_world().outlive_main()
+        raise SystemExit(exc.exit_code)
 
 
 def start_backend(command: str) -> None:
     """Before a command that computes, and before anything imports mlx: load what the backend
-    needs (on Linux, a fast BLAS for MLX's CPU matmuls) and warn where MLX will be slow."""
+    needs (on Linux, a fast BLAS for MLX's CPU matmuls) and warn where MLX will be slow
+    (rank 0 alone, in a distributed run)."""
     from . import backend
     from .ui import show_slow_blas_notice
 
     backend.start()
-    show_slow_blas_notice(command)
+    if not launched_rank():
+        show_slow_blas_notice(command)
 
 
 OFF_SUFFIX = "__off"  # the parameter behind a --no-NAME alias of a choice option
@@ -97,7 +119,9 @@ def resolve_config(cls, options: dict, config_file: str | None):
     if config_file:
         values.update(load_config_file(config_file, cls))
     resume = options.get("resume") or values.get("resume")
-    if resume:
+    if resume and launched_rank():
+        values["resume"] = resume  # another machine: the run's options come from rank 0
+    elif resume:
         saved = Path(resume) / "config.json"
         if not saved.is_file():
             raise ReasonerError(f"{resume} is not a run folder (no config.json) to resume")
@@ -144,7 +168,8 @@ def run_training_command(cls, run: str, options, config_file, print_config, debu
         from . import run as pipeline  # imports mlx: only once the backend has started
 
         run_dir = getattr(pipeline, run)(config)
-        click.echo(f"done: adapters in {run_dir} ({next_step.format(run_dir=run_dir)})")
+        if run_dir is not None:  # None: a rank other than 0 of a distributed run
+            click.echo(f"done: adapters in {run_dir} ({next_step.format(run_dir=run_dir)})")
 
 
 def training_command(cls):

@@ -13,6 +13,7 @@ import numpy as np
 
 from .answers import answers_match, extract_xml_answer, majority_answer
 from .data import Example
+from .distributed import World
 from .prompts import encode_prompt
 from .rollout import generate_groups
 
@@ -98,6 +99,31 @@ def evaluate(
         if progress is not None:
             progress(min(start + batch_size, len(examples)), len(examples))
     return EvalResult(summarize(records, samples), records)
+
+
+def evaluate_shared(
+    world: World, model, tokenizer, examples: Sequence[Example], system_prompt: str, **options
+) -> EvalResult:
+    """``evaluate`` with the questions spread over the ranks of ``world``: each answers its
+    contiguous share (sampling with its own seed), and every rank gets the result of all of
+    them, records in question order. In one process, exactly ``evaluate``.
+
+    ``options``: ``evaluate``'s; its ``progress`` counts this rank's own share.
+    """
+    if not world.is_distributed:
+        return evaluate(model, tokenizer, examples, system_prompt, **options)
+    mine = world.share(len(examples))
+    options["seed"] = world.sampling_seed(options.get("seed", 0))
+    records = []
+    if len(mine):  # fewer questions than ranks leave some ranks idle
+        part = examples[mine.start : mine.stop]
+        records = evaluate(model, tokenizer, part, system_prompt, **options).samples
+    for record in records:
+        record["index"] += mine.start
+    records = [r for part in world.gather(records, "sharing evaluation") for r in part]
+    if not records:
+        raise ValueError("nothing to evaluate: no examples")
+    return EvalResult(summarize(records, options.get("samples", 1)), records)
 
 
 def summarize(records: Sequence[dict], samples: int) -> dict:

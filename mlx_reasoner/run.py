@@ -4,11 +4,14 @@ Inputs are checked in order of cost (options, rewards, prompt, run folder, datas
 so that a typo fails in milliseconds, not after a multi-gigabyte download.
 """
 
+import dataclasses
+import hashlib
 import json
 import platform
 import shutil
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +20,7 @@ import mlx.core as mx
 from . import backend
 from .checkpoints import JsonlWriter, atomic_write_json, prepare_run_dir, save_adapters
 from .config import TrainConfig
+from .distributed import RunEnded, World, current_world
 from .errors import ReasonerError
 
 if TYPE_CHECKING:
@@ -112,8 +116,56 @@ def apply_memory_options(model, config) -> None:
         mx.set_memory_limit(int(config.memory_limit_gb * 1e9))
 
 
-def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Path:
+def agreed(world: World, what: str, work: Callable):
+    """``work()``'s result, once every rank of ``world`` has done its own ``work`` without an
+    error; if any rank failed, every rank raises (``World.agree``), so one rank's bad input
+    ends the run with one line from rank 0 instead of leaving the others waiting. In one
+    process, just ``work()``."""
+    try:
+        result = work()
+    except Exception as exc:  # re-raised as it is, here or by agree()
+        world.agree(exc, what)
+        raise
+    world.agree(None, what)
+    return result
+
+
+def main_config(world: World, config):
+    """Rank 0's options on every rank: one run, one configuration (a resumed run's is in
+    rank 0's run folder, which the other machines do not have)."""
+    if not world.is_distributed:
+        return config
+    values = world.from_main(config.to_dict(), "receiving rank 0's options")
+    return type(config)(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def check_batch_split(config, world: World, items: str) -> None:
+    """Every rank needs at least one of a step's ``--batch-size`` items."""
+    if config.batch_size < world.size:
+        raise ReasonerError(
+            f"--batch-size {config.batch_size} cannot be shared by {world.size} processes: "
+            f"each needs at least one {items} per step; use --batch-size {world.size} or more"
+        )
+
+
+def batch_split(config, world: World, items: str) -> str:
+    """How a step's items are shared, for the run header."""
+    sizes = [len(share) for share in world.shares(config.batch_size)]
+    even = len(set(sizes)) == 1
+    split = f"{sizes[0]} each" if even else f"{'+'.join(map(str, sizes))}, the step waits for"
+    note = "" if even else " the ranks with more"
+    return f"{world.size} ranks, {items}s per rank: {split}{note}"
+
+
+def run_train(
+    config: TrainConfig, console=None, live: bool | None = None, world: World | None = None
+) -> Path | None:
     """Run ``mlx-reasoner train`` (GRPO) end to end and return the run folder.
+
+    Args:
+        world: the ranks of a distributed run; default ``current_world()`` (one process
+            unless a launcher started several). Only rank 0 has a run folder; the others
+            return None.
 
     Raises:
         ReasonerError: for any input problem; the message is one actionable line.
@@ -122,8 +174,15 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
     from .rewards import resolve_rewards
     from .trainer import make_optimizer, train
 
-    config.validate()
-    rewards = resolve_rewards(config.reward, config.reward_file)
+    world = world or current_world()
+    config = main_config(world, config)
+
+    def check():
+        config.validate()
+        check_batch_split(config, world, "prompt")
+        return resolve_rewards(config.reward, config.reward_file)
+
+    rewards = agreed(world, "checking the options and rewards", check)
 
     def fit(run: "TrainingRun") -> None:
         run.sampler = batch_iterator(run.examples, config.batch_size, config.seed)
@@ -141,8 +200,16 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
             run.optimizer,
             hooks,
             starting_adapters=starting,
+            world=world,
         )
 
+    header = {
+        "batch": f"{config.batch_size} prompts x {config.group_size} completions",
+        "rewards": ", ".join(f"{r.name}:{r.weight:g}" for r in rewards),
+        "loss": f"{config.loss_type}, beta {config.beta:g}, epsilon {config.epsilon:g}",
+    }
+    if world.is_distributed:
+        header["data parallel"] = batch_split(config, world, "prompt")
     return training_run(
         config,
         "mlx-reasoner grpo",
@@ -150,21 +217,26 @@ def run_train(config: TrainConfig, console=None, live: bool | None = None) -> Pa
         console,
         live,
         resolved={"rewards": [{"name": r.name, "weight": r.weight} for r in rewards]},
-        header={
-            "batch": f"{config.batch_size} prompts x {config.group_size} completions",
-            "rewards": ", ".join(f"{r.name}:{r.weight:g}" for r in rewards),
-            "loss": f"{config.loss_type}, beta {config.beta:g}, epsilon {config.epsilon:g}",
-        },
+        header=header,
+        world=world,
     )
 
 
-def run_sft(config, console=None, live: bool | None = None) -> Path:
-    """Run ``mlx-reasoner sft`` end to end and return the run folder."""
+def run_sft(config, console=None, live: bool | None = None, world: World | None = None):
+    """Run ``mlx-reasoner sft`` end to end and return the run folder (None on ranks other
+    than 0 of a distributed run)."""
     from .data import BatchSampler
     from .sft import example_sequences, train_sft
     from .trainer import make_optimizer
 
-    config.validate()
+    world = world or current_world()
+    config = main_config(world, config)
+
+    def check():
+        config.validate()
+        check_batch_split(config, world, "example")
+
+    agreed(world, "checking the options", check)
 
     def fit(run: "TrainingRun") -> None:
         sequences = example_sequences(
@@ -186,32 +258,33 @@ def run_sft(config, console=None, live: bool | None = None) -> Path:
             run.sampler,
             run.optimizer,
             hooks,
+            world=world,
         )
 
-    return training_run(
-        config,
-        "mlx-reasoner sft",
-        fit,
-        console,
-        live,
-        header={"batch": f"{config.batch_size} examples per step"},
-    )
+    header = {"batch": f"{config.batch_size} examples per step"}
+    if world.is_distributed:
+        header["data parallel"] = batch_split(config, world, "example")
+    return training_run(config, "mlx-reasoner sft", fit, console, live, header=header, world=world)
 
 
-SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+SIGNAL_EXIT_CODES = {"SIGHUP": 129, "SIGINT": 130, "SIGTERM": 143}
 
 
 class StopSignals:
     """Turn the first Ctrl-C / SIGTERM into a request to stop after the current step.
 
     A second signal interrupts at once (KeyboardInterrupt); files are written atomically, so
-    the last complete checkpoint survives either way.
+    the last complete checkpoint survives either way. A rank of a distributed run also takes
+    SIGHUP so: one that ``mlx.launch`` started over ssh gets it when its terminal goes.
     """
 
-    def __init__(self, display):
+    def __init__(self, display, hang_up: bool = False):
         self.display = display
         self.received: str | None = None
         self._previous = {}
+        self._signals = [signal.SIGINT, signal.SIGTERM]
+        if hang_up and hasattr(signal, "SIGHUP"):
+            self._signals.append(signal.SIGHUP)
 
     def _handle(self, signum, frame):
         if self.received is not None:
@@ -224,7 +297,7 @@ class StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self._signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -237,19 +310,26 @@ class StopSignals:
 
 
 class TrainingRun:
-    """What a training command works with: model, data, optimizer, display, run folder."""
+    """What a training command works with: model, data, optimizer, display, run folder.
 
-    def __init__(self, config, run_dir: Path, adapter_config: dict, display, **loaded):
+    In a distributed run every rank has one; only rank 0's has a run folder (``run_dir`` is
+    None on the others), writes into it and reads a checkpoint from it for the others.
+    """
+
+    def __init__(
+        self, config, run_dir: Path | None, adapter_config: dict, display, world: World, **loaded
+    ):
         self.config = config
         self.run_dir = run_dir
         self.adapter_config = adapter_config
         self.display = display
+        self.world = world
         self.model = loaded["model"]
         self.tokenizer = loaded["tokenizer"]
         self.examples = loaded["examples"]
         self.held_out = loaded["held_out"]
         self.system_prompt = loaded["system_prompt"]
-        self.signals = StopSignals(display)
+        self.signals = StopSignals(display, hang_up=world.is_distributed)
         self.optimizer = None  # set by the command's fit() before restore()
         self.sampler = None
         self.last_step = 0
@@ -264,15 +344,18 @@ class TrainingRun:
         from .checkpoints import atomic_save_safetensors
         from .model import adapter_weights
 
-        config, path = self.config, self.run_dir / STARTING_ADAPTERS
+        config, world = self.config, self.world
         if config.kl_reference == "base":
             return None
         if config.resume:
-            return dict(mx.load(str(path))) if path.is_file() else None
+            path = self.run_dir / STARTING_ADAPTERS if world.is_main else None
+            saved = dict(mx.load(str(path))) if world.is_main and path.is_file() else None
+            return world.broadcast_arrays(saved, "receiving the KL reference's adapters")
         if config.adapter_path is None:
             return None
-        weights = adapter_weights(self.model)
-        atomic_save_safetensors(path, weights)
+        weights = adapter_weights(self.model)  # alike on every rank (synced at the start)
+        if world.is_main:
+            atomic_save_safetensors(self.run_dir / STARTING_ADAPTERS, weights)
         return weights
 
     def restore(self) -> "StepHooks":
@@ -283,20 +366,35 @@ class TrainingRun:
         from .tracking import RunTracker
         from .trainer import StepHooks
 
-        start = 0
+        world, start = self.world, 0
         if self.config.resume:
-            path = latest_checkpoint(self.run_dir)
-            adapters, optimizer_state, state = load_checkpoint(path)
+            path = latest_checkpoint(self.run_dir) if world.is_main else None
+
+            def read():
+                if not world.is_main:
+                    return None, None, None
+                adapters, optimizer_state, state = load_checkpoint(path)
+                check_world_size(state, world, self.run_dir)
+                return adapters, optimizer_state, state
+
+            adapters, optimizer_state, state = agreed(world, "reading the checkpoint", read)
+            adapters = world.broadcast_arrays(adapters, "receiving the checkpoint's adapters")
+            optimizer_state = world.broadcast_arrays(
+                optimizer_state, "receiving the checkpoint's optimizer state"
+            )
+            state = world.from_main(state, "receiving the checkpoint's position")
             self.model.load_weights(list(adapters.items()), strict=False)
             self.optimizer.state = tree_unflatten(list(optimizer_state.items()))
             self.sampler.load_state_dict(state["data"])
             start = self.last_step = state["step"]
-            for name in ("metrics.jsonl", "rollouts.jsonl"):
-                truncate_jsonl(self.run_dir / name, start)
+            if world.is_main:
+                for name in ("metrics.jsonl", "rollouts.jsonl"):
+                    truncate_jsonl(self.run_dir / name, start)
             self.display.message(f"resumed from {path} at step {start}")
-        self.metrics_log = JsonlWriter(self.run_dir / "metrics.jsonl")
-        self.rollouts_log = JsonlWriter(self.run_dir / "rollouts.jsonl")
-        self.tracker = RunTracker(self.config, self.run_dir, warn=self.display.message)
+        if world.is_main:  # rank 0 alone writes the folder, the report and W&B
+            self.metrics_log = JsonlWriter(self.run_dir / "metrics.jsonl")
+            self.rollouts_log = JsonlWriter(self.run_dir / "rollouts.jsonl")
+            self.tracker = RunTracker(self.config, self.run_dir, warn=self.display.message)
         return StepHooks(
             self.config,
             self.display,
@@ -305,22 +403,28 @@ class TrainingRun:
             on_eval=self.on_eval if self.config.eval_every else None,
             should_stop=self.signals.reason,
             start_step=start,
+            world=world,
         )
 
     def on_step(self, step: int, metrics: dict, records: list[dict]) -> None:
-        self.metrics_log.write([metrics])
-        if records:
-            self.rollouts_log.write(records)
+        if self.world.is_main:
+            self.metrics_log.write([metrics])
+            if records:
+                self.rollouts_log.write(records)
         self.last_step = step
-        self.tracker.after_step(step, metrics)  # reads the logs just written
+        if self.tracker is not None:
+            self.tracker.after_step(step, metrics)  # reads the logs just written
 
     def on_save(self, step: int) -> None:
-        """Adapters at the top of the run folder, plus a checkpoint to resume from."""
+        """Adapters at the top of the run folder, plus a checkpoint to resume from (rank 0's:
+        every rank holds the same adapters and optimizer state)."""
         from mlx.utils import tree_flatten
 
         from .checkpoints import save_checkpoint
         from .model import adapter_weights
 
+        if not self.world.is_main:
+            return
         weights = adapter_weights(self.model)
         adapter_config = {**self.adapter_config, "step": step}
         save_adapters(self.run_dir, weights, adapter_config)
@@ -334,6 +438,7 @@ class TrainingRun:
             {
                 "data": self.sampler.state_dict(),
                 "seed": self.config.seed,
+                "world_size": self.world.size,
                 "config": self.config.to_dict(),
             },
             keep=self.config.keep_checkpoints,
@@ -341,9 +446,10 @@ class TrainingRun:
         self.display.message(f"step {step}: adapters and checkpoint saved in {self.run_dir}")
 
     def on_eval(self, step: int) -> dict:
-        from .evaluate import evaluate
+        from .evaluate import evaluate_shared
 
-        result = evaluate(
+        result = evaluate_shared(
+            self.world,
             self.model,
             self.tokenizer,
             self.held_out,
@@ -361,18 +467,39 @@ class TrainingRun:
             self.tracker.close()
 
 
-def resume_command(run_dir: Path, trainer: str) -> str:
+def check_world_size(state: dict, world: World, run_dir: Path) -> None:
+    """A run resumes on as many processes as it ran on: each rank samples its share of a
+    step with its own seed, so another count would not continue the same run."""
+    saved = state.get("world_size", 1)  # checkpoints from before distributed runs: 1
+    if saved != world.size:
+        how = "one process, without mlx.launch" if saved == 1 else f"mlx.launch -n {saved} …"
+        raise ReasonerError(
+            f"{run_dir} was trained on {saved} process{'es' if saved > 1 else ''} and this "
+            f"resume has {world.size}; resume it on {saved} ({how}), or start a new run from "
+            f"its adapters with --adapter-path {run_dir}"
+        )
+
+
+def resume_command(run_dir: Path, trainer: str, world: World | None = None) -> str:
     command = "sft" if trainer.endswith("sft") else "train"
-    return f"mlx-reasoner {command} --resume {run_dir}"
+    launcher = f"mlx.launch -n {world.size} … -- " if world and world.is_distributed else ""
+    return f"{launcher}mlx-reasoner {command} --resume {run_dir}"
 
 
-def training_run(config, trainer: str, fit, console, live, resolved=None, header=None) -> Path:
+def training_run(
+    config, trainer: str, fit, console, live, resolved=None, header=None, world=None
+) -> Path | None:
     """The run-folder life cycle shared by ``train`` and ``sft``.
 
     Checks the cheap inputs, creates (or, with ``--resume``, reopens) the folder, loads data
     and model, writes the resolved ``config.json``, runs ``fit(run)`` under the display, and
     turns Ctrl-C / SIGTERM into a checkpoint plus the exact command that resumes the run. A
     run that failed before writing anything leaves no folder behind.
+
+    In a distributed run (``world``), every rank checks and loads its own inputs and they
+    agree before going on (one rank's bad input stops all of them, reported by rank 0); they
+    must hold the same data, and start from rank 0's adapters. Only rank 0 has the folder and
+    the display; it returns the folder, the others None.
     """
     from .checkpoints import latest_checkpoint
     from .memory import preflight
@@ -380,35 +507,64 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
     from .prompts import load_system_prompt
     from .tracking import check_tracking
     from .trainer import StopTraining
-    from .ui import TrainDisplay
+    from .ui import QuietDisplay, TrainDisplay
 
-    system_prompt = load_system_prompt(config.system_prompt)
-    if config.adapter_path is not None and not config.resume:
-        check_adapter_dir(config.adapter_path)
-    check_lora_layers(config)
-    check_tracking(config)
-    # A GRPO step that cannot fit is refused here, before any folder or model (memory.py).
-    preflight(config, system_prompt)
+    world = world or current_world()
+
+    def check():
+        system_prompt = load_system_prompt(config.system_prompt)
+        if config.adapter_path is not None and not config.resume:
+            check_adapter_dir(config.adapter_path)
+        check_lora_layers(config)
+        check_tracking(config)
+        # A GRPO step that cannot fit is refused here, before any folder or model (memory.py);
+        # each rank holds its share of the step.
+        preflight(
+            dataclasses.replace(config, batch_size=len(world.share(config.batch_size))),
+            system_prompt,
+        )
+        if config.resume and world.is_main:
+            run_dir = Path(config.resume)
+            if latest_checkpoint(run_dir) is None:
+                raise ReasonerError(f"{run_dir} has no complete checkpoint to resume from")
+            return system_prompt, _saved_lora(run_dir)
+        return system_prompt, None
+
+    system_prompt, saved_lora = agreed(world, "checking the inputs", check)
     if config.resume:
-        run_dir = Path(config.resume)
-        if latest_checkpoint(run_dir) is None:
-            raise ReasonerError(f"{run_dir} has no complete checkpoint to resume from")
+        run_dir = Path(config.resume) if world.is_main else None
+        saved_lora = world.from_main(saved_lora, "receiving the run's LoRA layout")
     else:
-        run_dir = prepare_run_dir(config.run_dir, overwrite=config.overwrite)
+
+        def make_folder():
+            if world.is_main:
+                return prepare_run_dir(config.run_dir, overwrite=config.overwrite)
+
+        run_dir = agreed(world, "creating the run folder", make_folder)
     started = bool(config.resume)  # once a step has finished, the folder is worth keeping
     try:
-        examples, held_out = load_train_and_eval_examples(config)
-        mx.random.seed(config.seed)
-        model, tokenizer, lora, trainable = setup_model(
-            config.model,
-            None if config.resume else config.adapter_path,
-            config.lora_layers,
-            config.lora_rank,
-            config.lora_scale,
-            saved_lora=_saved_lora(run_dir) if config.resume else None,
+
+        def load():
+            examples, held_out = load_train_and_eval_examples(config)
+            mx.random.seed(config.seed)
+            loaded = setup_model(
+                config.model,
+                None if config.resume else config.adapter_path,
+                config.lora_layers,
+                config.lora_rank,
+                config.lora_scale,
+                saved_lora=saved_lora,
+            )
+            return examples, held_out, loaded
+
+        examples, held_out, (model, tokenizer, lora, trainable) = agreed(
+            world, "loading the data and the model", load
         )
         apply_memory_options(model, config)
-        if not config.resume:
+        if world.is_distributed:
+            check_same_inputs(world, examples, held_out, system_prompt, trainable)
+            start_from_main_adapters(world, model)
+        if not config.resume and world.is_main:
             atomic_write_json(
                 run_dir / "config.json",
                 {
@@ -421,17 +577,21 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
                     "num_eval_examples": len(held_out),
                     "trainable_parameters": int(trainable),
                     "lora": lora,
+                    "world_size": world.size,
                     "versions": versions(),
                 },
             )
-        display = TrainDisplay(
-            config.steps, title=trainer.replace(" grpo", " train"), console=console, live=live
-        )
+        if world.is_main:
+            title = trainer.replace(" grpo", " train")
+            display = TrainDisplay(config.steps, title=title, console=console, live=live)
+        else:
+            display = QuietDisplay()
         run = TrainingRun(
             config,
             run_dir,
             {**lora, "model": config.model, "trainer": trainer},
             display,
+            world,
             model=model,
             tokenizer=tokenizer,
             examples=examples,
@@ -460,18 +620,23 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
             try:
                 fit(run)
             except StopTraining as stop:
-                raise ReasonerError(
+                exit_code = stop_exit_code(world, run.signals.received)
+                message = (
                     f"{stop.reason}; checkpoint of step {stop.step} saved. Resume with: "
-                    f"{resume_command(run_dir, trainer)}",
-                    exit_code=SIGNAL_EXIT_CODES.get(run.signals.received, 1),
+                    f"{resume_command(run_dir, trainer, world)}"
+                )
+                raise (ReasonerError if world.is_main else RunEnded)(
+                    message, exit_code=exit_code
                 ) from None
             except KeyboardInterrupt:
+                if not world.is_main:  # rank 0 knows the checkpoints
+                    raise ReasonerError("interrupted at once", exit_code=130) from None
                 found = latest_checkpoint(run_dir)
                 where = f"the last checkpoint is {found}" if found else "no checkpoint yet"
                 raise ReasonerError(
                     (
                         f"interrupted at once; {where}. Resume with: "
-                        f"{resume_command(run_dir, trainer)}"
+                        f"{resume_command(run_dir, trainer, world)}"
                         if found
                         else f"interrupted; {where}"
                     ),
@@ -481,7 +646,7 @@ def training_run(config, trainer: str, fit, console, live, resolved=None, header
                 started = started or run.last_step > 0
                 run.close()
     finally:
-        if not started:
+        if not started and world.is_main:
             _discard_unstarted_run(run_dir)
     return run_dir
 
@@ -494,6 +659,48 @@ def tracking_header(config, run_dir: Path) -> dict:
     if config.report_to:
         where.append(config.report_to)
     return {"report": ", ".join(where)} if where else {}
+
+
+def stop_exit_code(world: World, received: str | None) -> int:
+    """The exit status of a run stopped early: that of the signal some rank received
+    (Ctrl-C: 130, SIGTERM: 143), else 1."""
+    if world.is_distributed:
+        signals = [s for s in world.gather(received, "stopping") if s]
+        received = signals[0] if signals else None
+    return SIGNAL_EXIT_CODES.get(received, 1)
+
+
+def check_same_inputs(
+    world: World, examples, held_out, system_prompt: str, trainable: int | None = None
+) -> None:
+    """Refuse to go on unless every rank holds the same data and model shape as rank 0."""
+    if not world.is_distributed:
+        return
+
+    def digest(items) -> str:
+        text = json.dumps([[ex.question, ex.answer] for ex in items], ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    world.check_same(
+        {
+            "examples": f"{len(examples)}, digest {digest(examples)}",
+            "held-out examples": f"{len(held_out)}, digest {digest(held_out)}",
+            "system prompt": hashlib.sha256(system_prompt.encode()).hexdigest()[:16],
+            "trainable parameters": trainable,
+        },
+        "comparing the ranks' inputs",
+        "every machine needs the same dataset, system prompt, model and options",
+    )
+
+
+def start_from_main_adapters(world: World, model) -> None:
+    """Give every rank rank 0's adapters: the same seed makes the same fresh ones, but
+    adapters from ``--adapter-path`` are each machine's own copy."""
+    from .model import adapter_weights
+
+    weights = world.broadcast_arrays(adapter_weights(model), "receiving rank 0's adapters")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.trainable_parameters())
 
 
 def check_lora_layers(config) -> None:
@@ -526,8 +733,11 @@ def _saved_lora(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "config.json").read_text())["lora"]
 
 
-def run_eval(config, console=None) -> dict:
+def run_eval(config, console=None, world: World | None = None) -> dict:
     """Run ``mlx-reasoner eval``: evaluate, print a table, write the outputs.
+
+    In a distributed run each rank answers its share of the questions; rank 0 prints the one
+    table and writes the outputs.
 
     Returns:
         ``{"adapter" or "model": summary, "base": summary (with --compare)}``.
@@ -536,41 +746,57 @@ def run_eval(config, console=None) -> dict:
 
     from .checkpoints import atomic_write_text
     from .data import load_examples
-    from .evaluate import evaluate
+    from .evaluate import evaluate_shared
     from .model import adapters_disabled, check_adapter_dir, load_adapters, load_model
     from .prompts import load_system_prompt
     from .ui import console as default_console
     from .ui import eval_table
 
     console = console or default_console
-    config.validate()
-    system_prompt = load_system_prompt(config.system_prompt)
-    if config.adapter_path is not None:
-        check_adapter_dir(config.adapter_path)
-    output = Path(config.output) if config.output else None
-    if output is not None:
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ReasonerError(f"cannot create output folder {output}: {exc.strerror}") from exc
-    examples = load_examples(
-        config.dataset,
-        split=config.split,
-        question_field=config.question_field,
-        answer_field=config.answer_field,
-        dataset_config=config.dataset_config,
-        limit=config.limit,
-        seed=config.seed,
-    )
-    model, tokenizer = load_model(config.model)
-    if config.adapter_path is not None:
-        load_adapters(model, config.adapter_path)
+    world = world or current_world()
+    config = main_config(world, config)
+
+    def check():
+        config.validate()
+        system_prompt = load_system_prompt(config.system_prompt)
+        if config.adapter_path is not None:
+            check_adapter_dir(config.adapter_path)
+        output = Path(config.output) if config.output and world.is_main else None
+        if output is not None:
+            try:
+                output.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ReasonerError(
+                    f"cannot create output folder {output}: {exc.strerror}"
+                ) from exc
+        return system_prompt, output
+
+    system_prompt, output = agreed(world, "checking the options", check)
+
+    def load():
+        examples = load_examples(
+            config.dataset,
+            split=config.split,
+            question_field=config.question_field,
+            answer_field=config.answer_field,
+            dataset_config=config.dataset_config,
+            limit=config.limit,
+            seed=config.seed,
+        )
+        model, tokenizer = load_model(config.model)
+        if config.adapter_path is not None:
+            load_adapters(model, config.adapter_path)
+        return examples, model, tokenizer
+
+    examples, model, tokenizer = agreed(world, "loading the data and the model", load)
+    check_same_inputs(world, examples, [], system_prompt)
 
     runs = []
     if config.compare:
         runs.append(("base", adapters_disabled))
     runs.append(("adapter" if config.adapter_path else "model", None))
     results = {}
+    mine = len(world.share(len(examples)))
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -578,15 +804,20 @@ def run_eval(config, console=None) -> dict:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        disable=not world.is_main,
     ) as progress:
         for name, context in runs:
-            task = progress.add_task(f"eval {name}", total=len(examples))
+            label = f"eval {name}"
+            if world.is_distributed:
+                label += f" (rank 0's {mine} of {len(examples)})"
+            task = progress.add_task(label, total=mine)
 
             def advance(done, total, task=task):
                 progress.update(task, completed=done)
 
             def run_once():
-                return evaluate(
+                return evaluate_shared(
+                    world,
                     model,
                     tokenizer,
                     examples,
@@ -605,7 +836,10 @@ def run_eval(config, console=None) -> dict:
                 with context(model):
                     results[name] = run_once()
 
-    console.print(eval_table({name: r.summary for name, r in results.items()}))
+    summaries = {name: r.summary for name, r in results.items()}
+    if not world.is_main:
+        return summaries
+    console.print(eval_table(summaries))
     main_name = runs[-1][0]
     summary = {
         **results[main_name].summary,
@@ -615,6 +849,8 @@ def run_eval(config, console=None) -> dict:
         "split": config.split,
         "config": config.to_dict(),
     }
+    if world.is_distributed:
+        summary["world_size"] = world.size
     if "base" in results:
         summary["base"] = results["base"].summary
     if output is not None:
@@ -626,4 +862,4 @@ def run_eval(config, console=None) -> dict:
         ]
         atomic_write_text(output / "eval_samples.jsonl", "\n".join(lines) + "\n")
         console.print(f"wrote {output / 'eval.json'} and {output / 'eval_samples.jsonl'}")
-    return {name: r.summary for name, r in results.items()}
+    return summaries

@@ -15,6 +15,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from .data import BatchSampler, Example
+from .distributed import SINGLE_PROCESS, World
 from .errors import ReasonerError
 from .logprobs import PackedBatch, completion_logprobs, pack_sequences
 from .prompts import apply_chat_template, chat_messages, encode_prompt
@@ -140,10 +141,18 @@ def example_sequences(
     return sequences
 
 
-def nll_loss(model: nn.Module, batch: PackedBatch) -> tuple[mx.array, mx.array]:
-    """Mean negative log-likelihood of the assistant tokens; returns (loss, token count)."""
+def nll_loss(
+    model: nn.Module, batch: PackedBatch, step_tokens: int | None = None
+) -> tuple[mx.array, mx.array]:
+    """Mean negative log-likelihood of the assistant tokens; returns (loss, token count).
+
+    ``step_tokens``: the whole step's assistant tokens, when ``batch`` is one rank's share of
+    it (the loss is then that share of the step's mean); default: ``batch``'s own.
+    """
     logp = completion_logprobs(model, batch)
     tokens = batch.mask.sum()
+    if step_tokens is not None:
+        return -(logp * batch.mask).sum() / max(step_tokens, 1), tokens
     return -(logp * batch.mask).sum() / mx.maximum(tokens, 1.0), tokens
 
 
@@ -156,6 +165,7 @@ def train_sft(
     order: BatchSampler,
     optimizer: optim.Optimizer | None = None,
     hooks: StepHooks | None = None,
+    world: World = SINGLE_PROCESS,
 ) -> list[dict]:
     """Fine-tune the LoRA adapters on ``sequences``.
 
@@ -167,12 +177,14 @@ def train_sft(
         order: batches of indices into ``sequences`` (seeded, resumable).
         optimizer: from ``make_optimizer`` (possibly restored from a checkpoint).
         hooks: after-step actions and the first step, shared with the GRPO trainer.
+        world: the ranks sharing each step: each trains on its share of the batch, its loss
+            normalised by the whole batch's tokens, and the ranks sum their gradients.
 
     Returns:
         Per-step metrics.
     """
     optimizer = optimizer or make_optimizer(config)
-    hooks = hooks or StepHooks(config, display)
+    hooks = hooks or StepHooks(config, display, world=world)
     loss_and_grad = nn.value_and_grad(model, nll_loss)
     history = []
     for step in hooks.steps():
@@ -180,24 +192,28 @@ def train_sft(
         start = time.perf_counter()
         display.phase("training")
         picked = [sequences[i] for i in next(order)]
-        batch = pack_sequences(
-            [p for p, _ in picked], [a for _, a in picked], np.zeros(len(picked))
-        )
         lr = current_learning_rate(optimizer)
-        (loss, tokens), grads = loss_and_grad(model, batch)
-        mx.eval(loss, tokens, grads)
+        if world.is_distributed:
+            loss, tokens, grads = _shared_step(world, model, loss_and_grad, picked)
+        else:
+            batch = pack_sequences(
+                [p for p, _ in picked], [a for _, a in picked], np.zeros(len(picked))
+            )
+            (loss, tokens), grads = loss_and_grad(model, batch)
+            mx.eval(loss, tokens, grads)
+            loss, tokens = loss.item(), int(tokens.item())
         update = optimizer_step(model, optimizer, config.max_grad_norm, compile=False)
-        grad_norm, skipped = update.apply(grads, loss.item())
-        elapsed = time.perf_counter() - start
+        grad_norm, skipped = update.apply(grads, loss)
+        elapsed = world.max_figures({"seconds": time.perf_counter() - start})["seconds"]
         metrics = {
             "step": step,
-            "loss": loss.item(),
+            "loss": loss,
             "grad_norm": grad_norm,
             "learning_rate": lr,
             "skipped_update": skipped,
-            "train_tokens": int(tokens.item()),
+            "train_tokens": tokens,
             "train_tokens_per_s": float(sum(len(p) + len(a) for p, a in picked) / elapsed),
-            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+            "peak_memory_gb": world.max_figures({"gb": mx.get_peak_memory() / 1e9})["gb"],
             "time_train": elapsed,
             "time_step": elapsed,
         }
@@ -216,3 +232,20 @@ def train_sft(
             )
         hooks.finish(step, metrics, [], skipped)
     return history
+
+
+def _shared_step(world: World, model: nn.Module, loss_and_grad, picked: Sequences):
+    """This rank's share of one SFT step: loss and gradients of its examples, normalised by
+    the whole step's assistant tokens, then summed over the ranks.
+
+    Returns:
+        ``(the step's loss, its assistant tokens, the step's gradients)``.
+    """
+    step_tokens = sum(len(a) for _, a in picked)
+    mine = [picked[i] for i in world.share(len(picked))]
+    batch = pack_sequences([p for p, _ in mine], [a for _, a in mine], np.zeros(len(mine)))
+    (loss, _), grads = loss_and_grad(model, batch, step_tokens)
+    mx.eval(loss, grads)
+    grads = world.sum_gradients(grads)
+    loss = world.sum_figures({"loss": loss.item()})["loss"]
+    return loss, step_tokens, grads

@@ -17,6 +17,7 @@ from mlx.utils import tree_map
 
 from .advantages import group_advantages, groups_with_spread, zero_std_fraction
 from .config import TrainConfig
+from .distributed import SINGLE_PROCESS, World
 from .logprobs import (
     PackedBatch,
     completion_logprobs,
@@ -198,6 +199,15 @@ def use_shared_prompts(model: nn.Module, config) -> bool:
     return shared_prompts_supported(model)
 
 
+def _own_share(world: World, rollouts: Rollouts, advantages: np.ndarray, in_loss):
+    """This rank's share of a step's groups: its rollouts, advantages and loss flags."""
+    groups = world.share(len(rollouts) // rollouts.group_size)
+    rows = range(groups.start * rollouts.group_size, groups.stop * rollouts.group_size)
+    mine = merge_rollouts([rollouts], [(0, i) for i in rows])
+    flags = None if in_loss is None else [in_loss[i] for i in rows]
+    return mine, advantages[rows.start : rows.stop], flags
+
+
 def micro_batches(
     rollouts: Rollouts,
     advantages: np.ndarray,
@@ -333,23 +343,31 @@ def policy_update(
     advantages: np.ndarray,
     config: TrainConfig,
     starting_adapters: dict | None = None,
+    world: World = SINGLE_PROCESS,
 ) -> UpdateStats:
     """Apply ``num_iterations`` clipped GRPO updates to the adapters from one batch of rollouts.
 
     The reference (``model.reference_policy``: the base, or the base with
     ``starting_adapters``) and, for several iterations, the old-policy log-probs are computed
     once, before the first update; gradients accumulate over micro-batches.
+
+    With several ranks (``world``), ``rollouts`` and ``advantages`` are the whole step's, alike
+    on every rank; each rank computes the loss of its share of the groups, normalised by the
+    whole step's counts, and the ranks sum their gradients and figures before one identical
+    update.
     """
     in_loss = None
     if config.mask_truncated:
         in_loss = [reason != "length" for reason in rollouts.finish_reasons]
-    batches = micro_batches(
-        rollouts, advantages, config.micro_batch_size, grad_computer.share_prompts, in_loss
-    )
     loss_tokens = sum(
         len(ids) for i, ids in enumerate(rollouts.completion_ids) if in_loss is None or in_loss[i]
     )
     norm = Normalizer(len(rollouts), max(loss_tokens, 1), config.max_completion_tokens)
+    if world.is_distributed:
+        rollouts, advantages, in_loss = _own_share(world, rollouts, advantages, in_loss)
+    batches = micro_batches(
+        rollouts, advantages, config.micro_batch_size, grad_computer.share_prompts, in_loss
+    )
     decoded = rollout_logprobs(rollouts, batches)
     ref = [None] * len(batches)
     if config.beta > 0:
@@ -370,6 +388,10 @@ def policy_update(
             total_loss += loss.item()
             for key, value in batch_sums.items():
                 sums[key] = sums.get(key, 0.0) + value.item()
+        if world.is_distributed:  # the step's loss, gradient and counts: every rank's summed
+            total_grads = world.sum_gradients(total_grads)
+            sums = world.sum_figures({**sums, "loss": total_loss})
+            total_loss = sums.pop("loss")
         first = first or sums  # entropy and mismatch: of the policy that sampled
         step = optimizer_step(model, optimizer, config.max_grad_norm, config.compile)
         grad_norm, skipped = step.apply(total_grads, total_loss)
@@ -420,8 +442,11 @@ class StepHooks:
         on_step: ``(step, metrics, records)`` -> None, e.g. append to the logs.
         on_save: ``(step)`` -> None, writes adapters and a resumable checkpoint.
         on_eval: ``(step)`` -> dict of ``eval/*`` figures, or None for no evaluation.
-        should_stop: ``()`` -> a reason to stop (e.g. a signal arrived) or None.
+        should_stop: ``()`` -> a reason to stop (e.g. a signal arrived) or None; with several
+            ranks, every rank's is asked at the same point, so all of them stop together.
         start_step: steps already done (a resumed run starts after them).
+        world: the ranks of the run (default: this process alone); each samples with its own
+            seed.
     """
 
     def __init__(
@@ -433,6 +458,7 @@ class StepHooks:
         on_eval=None,
         should_stop=None,
         start_step: int = 0,
+        world: World = SINGLE_PROCESS,
     ):
         self.config = config
         self.display = display
@@ -441,6 +467,7 @@ class StepHooks:
         self.on_eval = on_eval
         self.should_stop = should_stop
         self.start_step = start_step
+        self.world = world
         self.bad_in_a_row = 0
         self.warned_truncation = False
 
@@ -448,7 +475,7 @@ class StepHooks:
         """The steps still to run; each starts from its own seed, so a resumed run samples
         exactly what an uninterrupted one would."""
         for step in range(self.start_step + 1, self.config.steps + 1):
-            mx.random.seed(self.config.seed * 1_000_003 + step)
+            mx.random.seed(self.world.sampling_seed(self.config.seed * 1_000_003 + step))
             yield step
 
     def finish(self, step: int, metrics: dict, records: list[dict], skipped: bool) -> None:
@@ -482,11 +509,23 @@ class StepHooks:
             self.bad_in_a_row = 0
         if is_due(step, config.save_every, config.steps):
             saved = self._save(step)
-        reason = self.should_stop() if self.should_stop is not None else None
+        reason = self._stop_reason()
         if reason and step < config.steps:
             if not saved:
                 self._save(step)
             raise StopTraining(step, reason)
+
+    def _stop_reason(self) -> str | None:
+        """Why to stop after this step, if any rank was asked to (its own reason on one)."""
+        reason = self.should_stop() if self.should_stop is not None else None
+        if not self.world.is_distributed:
+            return reason
+        reasons = self.world.gather(reason, "agreeing whether to stop")
+        asked = [(rank, text) for rank, text in enumerate(reasons) if text]
+        if not asked:
+            return None
+        rank, text = asked[0]
+        return f"{text} on rank {rank}"
 
     def _warn_truncation(self, step: int, metrics: dict) -> None:
         """Say once when most of a step's completions hit the length limit: their rewards then
@@ -509,9 +548,18 @@ class StepHooks:
         return True
 
 
-def _draw_groups(model, tokenizer, system_prompt, rewards, sampler, config, batch):
+def _draw_groups(model, tokenizer, system_prompt, rewards, sampler, config, world, batch):
     """Generate and score one group per example of ``batch``; also returns the seconds spent
-    scoring."""
+    scoring. With several ranks, each generates and scores its share of ``batch``, and every
+    rank gets the whole batch's rollouts and scores back, in ``batch`` order."""
+    if world.is_distributed:
+        mine = [batch[i] for i in world.share(len(batch))]
+        _, rollouts, scores, seconds = _draw_groups(
+            model, tokenizer, system_prompt, rewards, sampler, config, SINGLE_PROCESS, mine
+        )
+        rollouts, scores = _gather_groups(world, rollouts, scores)
+        return batch, rollouts, scores, seconds
+
     from .prompts import encode_prompt
     from .rewards import score_completions
 
@@ -540,6 +588,51 @@ def _draw_groups(model, tokenizer, system_prompt, rewards, sampler, config, batc
         overlong_buffer=config.overlong_buffer,
     )
     return batch, rollouts, scores, time.perf_counter() - start
+
+
+def _gather_groups(world: World, rollouts: Rollouts, scores):
+    """Every rank's rollouts and scores, joined in rank order (each rank's share in turn).
+
+    The generation took as long as the slowest rank, so that is the joined rollouts' time.
+    """
+    from .rewards import RewardScores
+
+    parts = world.gather(
+        {
+            "prompt_ids": rollouts.prompt_ids,
+            "completion_ids": rollouts.completion_ids,
+            "finish_reasons": rollouts.finish_reasons,
+            "texts": rollouts.texts,
+            "logprobs": rollouts.logprobs,
+            "prompt_tokens": rollouts.prompt_tokens,
+            "seconds": rollouts.generation_seconds,
+            "total": scores.total.tolist(),
+            "components": {name: v.tolist() for name, v in scores.components.items()},
+        },
+        "sharing the step's rollouts",
+    )
+
+    def joined(name):
+        return [item for part in parts for item in part[name]]
+
+    keep_logprobs = all(part["logprobs"] is not None for part in parts)
+    everything = Rollouts(
+        group_size=rollouts.group_size,
+        prompt_ids=joined("prompt_ids"),
+        completion_ids=joined("completion_ids"),
+        finish_reasons=joined("finish_reasons"),
+        texts=joined("texts"),
+        prompt_tokens=sum(part["prompt_tokens"] for part in parts),
+        generation_seconds=max(part["seconds"] for part in parts),
+        decoder=rollouts.decoder,
+        logprobs=joined("logprobs") if keep_logprobs else None,
+    )
+    total = np.array(joined("total"), dtype=np.float32)
+    components = {
+        name: np.array([v for part in parts for v in part["components"][name]], np.float32)
+        for name in scores.components
+    }
+    return everything, RewardScores(total, components)
 
 
 def _dynamic_batch(draw, batches, first, config, display, step):
@@ -671,6 +764,7 @@ def train(
     optimizer: optim.Optimizer | None = None,
     hooks: StepHooks | None = None,
     starting_adapters: dict | None = None,
+    world: World = SINGLE_PROCESS,
 ) -> list[dict]:
     """Run GRPO steps on LoRA adapters already attached to ``model``.
 
@@ -686,6 +780,9 @@ def train(
         hooks: after-step actions and the first step; default: none, from step 1.
         starting_adapters: the adapters training started from, by name, as the KL reference
             (``model.reference_policy``); None: the bare base model.
+        world: the ranks sharing each step (``distributed``): every rank draws the same
+            ``batches``, generates and scores its share, and trains on its share of the whole
+            step's groups; the metrics are the whole step's, alike on every rank.
 
     Returns:
         The list of per-step metrics.
@@ -693,7 +790,7 @@ def train(
     from mlx_lm.sample_utils import make_sampler
 
     optimizer = optimizer or make_optimizer(config, config.num_iterations)
-    hooks = hooks or StepHooks(config, display)
+    hooks = hooks or StepHooks(config, display, world=world)
     grads = GradientComputer.for_config(model, config, use_shared_prompts(model, config))
     sampler = make_sampler(
         config.temperature, top_p=config.top_p, min_p=config.min_p, top_k=config.top_k
@@ -704,7 +801,7 @@ def train(
         start = time.perf_counter()
         display.phase("generating")
         draw = functools.partial(
-            _draw_groups, model, tokenizer, system_prompt, rewards, sampler, config
+            _draw_groups, model, tokenizer, system_prompt, rewards, sampler, config, world
         )
         batch, rollouts, scores, score_seconds = draw(next(batches))
         if config.dynamic_sampling:
@@ -722,7 +819,7 @@ def train(
         display.phase("training")
         lr = current_learning_rate(optimizer)
         update = policy_update(
-            model, optimizer, grads, rollouts, advantages, config, starting_adapters
+            model, optimizer, grads, rollouts, advantages, config, starting_adapters, world
         )
         mx.clear_cache()
         trained = time.perf_counter()
@@ -734,6 +831,8 @@ def train(
             "time_step": trained - start,
         }
         metrics = _step_metrics(step, rollouts, scores, update, config, times, lr)
+        # Each rank's own figures: the step took as long as its slowest rank.
+        metrics.update(world.max_figures({**times, "peak_memory_gb": metrics["peak_memory_gb"]}))
         if config.dynamic_sampling:
             metrics.update(dynamic)
         history.append(metrics)

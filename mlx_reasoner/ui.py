@@ -519,6 +519,32 @@ class TrainDisplay:
         return Group(*parts)
 
 
+class QuietDisplay:
+    """The display of a rank other than 0 in a distributed run: rank 0 shows the whole run,
+    so this one shows nothing."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def header(self, info: Mapping[str, Any]) -> None:
+        """Nothing: rank 0 prints the header."""
+
+    def phase(self, name: str) -> None:
+        """Nothing: rank 0 shows the phase."""
+
+    def update(self, metrics: Mapping[str, Any]) -> None:
+        """Nothing: rank 0 shows the step's figures (the whole run's)."""
+
+    def sample(self, sample: Mapping[str, Any]) -> None:
+        """Nothing: rank 0 shows the samples."""
+
+    def message(self, text: str) -> None:
+        """Nothing: rank 0 says what matters to the run."""
+
+
 def _as_float(value: Any) -> float | None:
     """Read a metric as a float (Python, NumPy or MLX scalar); ``None`` if it is not a number."""
     if value is None or isinstance(value, (str, bytes, bool)):
