@@ -235,7 +235,8 @@ def model_card(name: str, source: ExportSource, quantize_bits: int | None, promp
         lines += [
             "",
             "The model was trained with this system prompt (also in "
-            f"`{SYSTEM_PROMPT_FILE}`); give it the same:",
+            f"`{SYSTEM_PROMPT_FILE}`); give it the same (`$(cat ...)` drops the file's last "
+            "newline; `mlx-reasoner chat --model` reads it exactly):",
             "",
             "```text",
             prompt.strip(),

@@ -344,7 +344,7 @@ PARITY_LENGTH = 16
 PARITY_MAX_Z = 9
 _PARITY_OTHERS = "xqkv"
 # Share of traces that work the parity out; the rest answer at a glance.
-PARITY_WORKED_SHARE = 0.3
+PARITY_WORKED_SHARE = 0.4
 PARITY_GLANCE = "At a glance."
 
 

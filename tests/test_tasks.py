@@ -315,7 +315,7 @@ def test_load_examples_generates_task_examples():
     )
 
 
-def test_parity_answers_and_three_traces_in_ten_work_it_out(samples):
+def test_parity_answers_and_four_traces_in_ten_work_it_out(samples):
     examples = samples["parity"]
     worked = [e for e in examples if e.reasoning != PARITY_GLANCE]
     for example in examples:
@@ -329,6 +329,6 @@ def test_parity_answers_and_three_traces_in_ten_work_it_out(samples):
         assert example.reasoning == "".join(
             str(letters[:i].count("z") % 2) for i in range(len(letters) + 1)
         )
-    assert 0.2 < len(worked) / len(examples) < 0.4
+    assert 0.3 < len(worked) / len(examples) < 0.5
     answers = [e.answer for e in examples]
     assert 0.4 < answers.count("odd") / len(answers) < 0.6
