@@ -18,11 +18,14 @@ ENGINE_SWITCH = "MLX_REASONER_ENGINE"
 OFF_VALUES = {"0", "false", "off", "no"}
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment variable ``variable`` turns something off (0, false, off, no)."""
+    return os.environ.get(variable, "").strip().lower() in OFF_VALUES
+
+
 def engine_enabled() -> bool:
     """Whether the engine is installed and not switched off by ``MLX_REASONER_ENGINE``."""
-    if os.environ.get(ENGINE_SWITCH, "").strip().lower() in OFF_VALUES:
-        return False
-    return _engine_installed()
+    return not switched_off(ENGINE_SWITCH) and _engine_installed()
 
 
 @functools.cache

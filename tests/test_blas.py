@@ -12,11 +12,11 @@ from importlib import metadata
 import numpy as np
 import pytest
 
+from mlx_reasoner.backend import switched_off
 from mlx_reasoner.engine import blas
 from mlx_reasoner.engine.blas import (
     ENV_VAR,
     MLX_IMPORTED_FIRST,
-    OFF_VALUES,
     REFERENCE_NAME,
     blas_info,
     build_cpu_problem,
@@ -151,7 +151,7 @@ def test_openblas_is_faster_and_gives_the_same_numbers():
     assert speedup > 3, f"{fast['gflops']:.1f} vs {reference['gflops']:.1f} GFLOP/s"
     np.testing.assert_allclose(fast["product"], reference["product"], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(fast["inverse"], reference["inverse"], rtol=1e-4, atol=1e-6)
-    if os.environ.get(ENV_VAR, "1").strip().lower() not in OFF_VALUES:
+    if not switched_off(ENV_VAR):
         assert blas_info().enabled, "conftest should start the backend before importing mlx"
 
 

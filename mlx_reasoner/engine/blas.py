@@ -38,12 +38,13 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from ..backend import switched_off
+
 ENV_VAR = "MLX_REASONER_FAST_BLAS"
 REFERENCE_NAME = "reference (bundled with mlx)"
 ACCELERATE_NAME = "accelerate (macOS)"
 MLX_IMPORTED_FIRST = "mlx.core was imported before the fast BLAS was loaded"
 
-OFF_VALUES = {"0", "false", "off", "no"}
 _CMEEL_LIB = Path("cmeel.prefix") / "lib"
 _LIBRARY_NAMES = ("libopenblas.so.0", "libopenblas.so")
 
@@ -287,10 +288,11 @@ def _decide() -> BlasInfo:
         return BlasInfo(ACCELERATE_NAME, enabled=True)
     if not sys.platform.startswith("linux"):
         return BlasInfo(REFERENCE_NAME, reason=f"no fast BLAS loader for {sys.platform}")
-    setting = os.environ.get(ENV_VAR, "")
-    if setting.strip().lower() in OFF_VALUES:
+    if switched_off(ENV_VAR):
         return BlasInfo(
-            REFERENCE_NAME, reason=f"disabled by {ENV_VAR}={setting}", fix=f"unset {ENV_VAR}"
+            REFERENCE_NAME,
+            reason=f"disabled by {ENV_VAR}={os.environ[ENV_VAR]}",
+            fix=f"unset {ENV_VAR}",
         )
 
     global _user_threads  # read before anything of ours sets the variable, on every path

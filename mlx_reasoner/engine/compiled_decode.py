@@ -14,19 +14,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..logprobs import sampled_logprobs
+from ..logprobs import round_up, sampled_logprobs
 from ..model import prefill_prompt
 from .addmm_lora import lora_as_addmm
 from .blas import decode_threads
 from .cpu_math import fast_activations_apply, shared_rope, small_weights_transposed
 from .fused_decode import block_ropes, fused_decode_apply, fused_plan, fused_step
-from .kv_buffers import (
-    CACHE_MULTIPLE,
-    last_prompt_columns,
-    round_up,
-    visible_columns,
-    write_columns,
-)
+from .kv_buffers import CACHE_MULTIPLE, last_prompt_columns, visible_columns, write_columns
 
 
 class _FixedCache:

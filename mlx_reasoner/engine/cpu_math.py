@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import platform
 import sys
 from collections.abc import Iterator
@@ -29,8 +28,9 @@ from collections.abc import Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..backend import switched_off
 from ..model import modules_replaced
-from .blas import OFF_VALUES, blas_info
+from .blas import blas_info
 
 ENV_SWITCH = "MLX_REASONER_FAST_EXP"
 
@@ -42,7 +42,7 @@ def _on_x86_cpu() -> bool:
 
 def fast_activations_apply() -> bool:
     """Whether the swap applies here: MLX computing on an x86-64 CPU, not switched off."""
-    return os.environ.get(ENV_SWITCH, "").strip().lower() not in OFF_VALUES and _on_x86_cpu()
+    return not switched_off(ENV_SWITCH) and _on_x86_cpu()
 
 
 # Arrays of at least this many elements take ``exp_polynomial``; smaller ones (a decode step's)

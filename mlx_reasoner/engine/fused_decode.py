@@ -29,15 +29,14 @@ against a full forward pass (``compiled_decode.compiled_decode_supported``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..backend import switched_off
 from . import cpu_math
-from .blas import OFF_VALUES
 from .kv_buffers import visible_columns, write_columns
 
 ENV_SWITCH = "MLX_REASONER_FUSED_DECODE"
@@ -65,8 +64,7 @@ MERGE_LIMIT_BYTES = 64 * 2**20
 def fused_decode_apply() -> bool:
     """Whether the fused step may be used: MLX computing on the CPU (the only device it was
     measured on) and ``MLX_REASONER_FUSED_DECODE`` not off."""
-    switched_off = os.environ.get(ENV_SWITCH, "").strip().lower() in OFF_VALUES
-    return not switched_off and mx.default_device() == mx.cpu
+    return not switched_off(ENV_SWITCH) and mx.default_device() == mx.cpu
 
 
 @dataclass(frozen=True)

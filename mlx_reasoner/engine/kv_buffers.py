@@ -36,8 +36,3 @@ def last_prompt_columns(keys: list, values: list, write: int) -> list[tuple]:
     """The ``previous`` columns of a decode's first step (``write_columns``): the last prompt
     column of each layer, rewritten where a previous step's would go."""
     return [(k[:, :, write - 1 : write], v[:, :, write - 1 : write]) for k, v in zip(keys, values)]
-
-
-def round_up(n: int, multiple: int) -> int:
-    """``n`` rounded up to a multiple of ``multiple`` (at least one multiple)."""
-    return max(multiple, -(-n // multiple) * multiple)
