@@ -282,6 +282,7 @@ class StopSignals:
         self.display = display
         self.received: str | None = None
         self._previous = {}
+        self._distributed = hang_up
         self._signals = [signal.SIGINT, signal.SIGTERM]
         if hang_up and hasattr(signal, "SIGHUP"):
             self._signals.append(signal.SIGHUP)
@@ -301,8 +302,12 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for sig, handler in self._previous.items():
+            if self._distributed and exc_type is not None and sig != signal.SIGINT:
+                # This rank is ending with its report on the way: when another rank died,
+                # mlx.launch sends the survivors SIGTERM, which must not cut that report off.
+                handler = signal.SIG_IGN
             signal.signal(sig, handler)
 
     def reason(self) -> str | None:

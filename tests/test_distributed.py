@@ -400,6 +400,33 @@ def test_a_killed_rank_ends_the_run_with_one_line_from_rank_0(tiny_model_dir, tm
     assert ranks_ended(tmp_path)
 
 
+# A rank leaving its training run with an error, then stopped by ``mlx.launch`` (which sends
+# SIGTERM to the survivors once one rank died) before its report is out.
+LATE_SIGTERM = """
+import os, signal
+from mlx_reasoner.run import StopSignals
+from mlx_reasoner.ui import QuietDisplay
+
+try:
+    with StopSignals(QuietDisplay(), hang_up=DISTRIBUTED):
+        raise RuntimeError("connection to a peer was lost")
+except RuntimeError:
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("error: lost contact with the other ranks", flush=True)
+"""
+
+
+@pytest.mark.parametrize("distributed", [True, False])
+def test_a_rank_ending_with_an_error_is_not_cut_off_by_sigterm(distributed):
+    script = LATE_SIGTERM.replace("DISTRIBUTED", str(distributed))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if distributed:
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("error: lost contact"), done.stdout
+    else:  # one process keeps the usual meaning of SIGTERM once its run has ended
+        assert done.returncode == -signal.SIGTERM and done.stdout == ""
+
+
 @pytest.mark.slow
 def test_bad_input_on_one_rank_is_reported_by_rank_0(tiny_model_dir, tmp_path):
     rewards = tmp_path / "rewards.py"
