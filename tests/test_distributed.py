@@ -188,6 +188,8 @@ def grpo_args(model_dir, rewards, run_dir, steps=4):
         "--dynamic-sampling",  # the rounds are decided on the whole step's rewards
         "--max-resample",
         "1",
+        "--num-iterations",
+        "2",  # the second update's ratios and clipping use old log-probs from both ranks
         "--save-every",
         "2",
         "--eval-every",
@@ -361,6 +363,7 @@ def test_two_ranks_match_one_process_on_the_same_rollouts(
 
     two, one = read_jsonl(run["grpo"] / "metrics.jsonl"), read_jsonl(single / "metrics.jsonl")
     assert max(abs(m["loss"]) for m in one) > 0 and max(m["grad_norm"] for m in one) > 0
+    assert max(m["clip_fraction"] for m in one) > 0, "the second update's ratios moved"
     assert sum("eval/accuracy" in m for m in two) == 2
     assert_same_metrics(two, one)
     assert_same_adapters(run["grpo"], single)
