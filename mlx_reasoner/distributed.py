@@ -3,8 +3,9 @@
 ``mlx.launch -n N -- mlx-reasoner train …`` (ring, JACCL or MPI) starts one process per rank. This
 module owns what they share: the group, each rank's contiguous share of a step's items, the
 collectives the pipeline needs (gathering small JSON objects, summing the LoRA gradients with
-``mlx.nn.average_gradients``, agreeing on a failure or a stop) and the watchdog that keeps a
-rank from waiting on a dead peer for ever.
+``mlx.nn.average_gradients``, agreeing on a failure or a stop), what every rank must hold
+before training (rank 0's options, the same inputs, rank 0's starting adapters) and the
+watchdog that keeps a rank from waiting on a dead peer for ever.
 
 A process started without a launcher gets ``World()``, one rank, and never touches
 ``mx.distributed``: every method is then a no-op that returns its input. Importing this module
@@ -14,11 +15,12 @@ loads no mlx.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -332,6 +334,100 @@ class World:
         import mlx.core as mx
 
         return mx.distributed.all_sum(x, group=self.group, stream=mx.cpu)
+
+
+# What the ranks of a run agree on before and while training: one set of options, inputs
+# and starting adapters, a batch every rank has a share of, and the same number of ranks on
+# resume.
+
+
+def agreed(world: World, what: str, work: Callable):
+    """``work()``'s result, once every rank of ``world`` has done its own ``work`` without an
+    error; if any rank failed, every rank raises (``World.agree``), so one rank's bad input
+    ends the run with one line from rank 0 instead of leaving the others waiting. In one
+    process, just ``work()``."""
+    try:
+        result = work()
+    except Exception as exc:  # re-raised as it is, here or by agree()
+        world.agree(exc, what)
+        raise
+    world.agree(None, what)
+    return result
+
+
+def main_config(world: World, config):
+    """Rank 0's options on every rank: one run, one configuration (a resumed run's is in
+    rank 0's run folder, which the other machines do not have)."""
+    if not world.is_distributed:
+        return config
+    values = world.from_main(config.to_dict(), "receiving rank 0's options")
+    return type(config)(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def check_batch_split(config, world: World, items: str) -> None:
+    """Every rank needs at least one of a step's ``--batch-size`` items."""
+    if config.batch_size < world.size:
+        raise ReasonerError(
+            f"--batch-size {config.batch_size} cannot be shared by {world.size} processes: "
+            f"each needs at least one {items} per step; use --batch-size {world.size} or more"
+        )
+
+
+def batch_split(config, world: World, items: str) -> str:
+    """How a step's items are shared, for the run header."""
+    sizes = [len(share) for share in world.shares(config.batch_size)]
+    even = len(set(sizes)) == 1
+    split = f"{sizes[0]} each" if even else f"{'+'.join(map(str, sizes))}, the step waits for"
+    note = "" if even else " the ranks with more"
+    return f"{world.size} ranks, {items}s per rank: {split}{note}"
+
+
+def check_world_size(state: dict, world: World, run_dir: Path) -> None:
+    """A run resumes on as many processes as it ran on: each rank samples its share of a
+    step with its own seed, so another count would not continue the same run."""
+    saved = state.get("world_size", 1)  # checkpoints from before distributed runs: 1
+    if saved != world.size:
+        how = "one process, without mlx.launch" if saved == 1 else f"mlx.launch -n {saved} …"
+        raise ReasonerError(
+            f"{run_dir} was trained on {saved} process{'es' if saved > 1 else ''} and this "
+            f"resume has {world.size}; resume it on {saved} ({how}), or start a new run from "
+            f"its adapters with --adapter-path {run_dir}"
+        )
+
+
+def check_same_inputs(
+    world: World, examples, held_out, system_prompt: str, trainable: int | None = None
+) -> None:
+    """Refuse to go on unless every rank holds the same data and model shape as rank 0."""
+    if not world.is_distributed:
+        return
+
+    def digest(items) -> str:
+        text = json.dumps([[ex.question, ex.answer] for ex in items], ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    world.check_same(
+        {
+            "examples": f"{len(examples)}, digest {digest(examples)}",
+            "held-out examples": f"{len(held_out)}, digest {digest(held_out)}",
+            "system prompt": hashlib.sha256(system_prompt.encode()).hexdigest()[:16],
+            "trainable parameters": trainable,
+        },
+        "comparing the ranks' inputs",
+        "every machine needs the same dataset, system prompt, model and options",
+    )
+
+
+def start_from_main_adapters(world: World, model) -> None:
+    """Give every rank rank 0's adapters: the same seed makes the same fresh ones, but
+    adapters from ``--adapter-path`` are each machine's own copy."""
+    import mlx.core as mx
+
+    from .model import adapter_weights
+
+    weights = world.broadcast_arrays(adapter_weights(model), "receiving rank 0's adapters")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.trainable_parameters())
 
 
 def _product(shape: Sequence[int]) -> int:

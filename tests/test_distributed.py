@@ -28,10 +28,16 @@ from mlx_reasoner import trainer
 from mlx_reasoner.checkpoints import latest_checkpoint
 from mlx_reasoner.cli import main
 from mlx_reasoner.config import TrainConfig
-from mlx_reasoner.distributed import RunEnded, World, launched_rank, launched_size
+from mlx_reasoner.distributed import (
+    RunEnded,
+    World,
+    check_batch_split,
+    check_world_size,
+    launched_rank,
+    launched_size,
+)
 from mlx_reasoner.errors import ReasonerError
 from mlx_reasoner.rollout import Rollouts
-from mlx_reasoner.run import check_batch_split, check_world_size
 from mlx_reasoner.trainer import StepHooks
 
 LAUNCH_TIMEOUT_S = 120  # each launch; a hang fails the test instead of blocking CI
