@@ -46,6 +46,7 @@ class RunTracker:
         self.run_dir = Path(run_dir)
         self.warn = warn
         self.wandb_run = None
+        self.last_step = self.reported_step = 0
         if config.report_to == "wandb":
             self.wandb_run = start_wandb(config, self.run_dir)
 
@@ -55,19 +56,38 @@ class RunTracker:
         from .trainer import is_due
 
         config = self.config
+        self.last_step = step
         refresh = config.report_every > 0 and is_due(step, config.report_every, config.steps)
         figures = self.wandb_run is not None and (refresh or step == config.steps)
-        report = None
-        if refresh or figures:
-            try:
-                report = build_report(self.run_dir)
-                if refresh:
-                    atomic_write_text(self.run_dir / REPORT_FILE, report.html)
-            except (OSError, ReasonerError) as exc:  # a report is no reason to stop training
-                self.warn(f"step {step}: report not written ({exc}); training goes on")
+        images = self._report(step, refresh, figures)
         if self.wandb_run is not None:
-            images = report.images if figures and report is not None else {}
             log_to_wandb(self.wandb_run, step, metrics, images)
+
+    def finish(self) -> None:
+        """At an early stop: the report and the W&B figures as of the last step, where the
+        cadence left them behind (a run that reaches --steps has them from its last step)."""
+        if self.last_step <= self.reported_step:
+            return
+        images = self._report(
+            self.last_step, self.config.report_every > 0, self.wandb_run is not None
+        )
+        if images:
+            log_to_wandb(self.wandb_run, self.last_step, {}, images)
+
+    def _report(self, step: int, write: bool, figures: bool) -> dict[str, bytes]:
+        """Rebuild the report from the run folder; write it (``write``) and return its images
+        (``figures``). A report that fails is said and skipped: training goes on."""
+        if not (write or figures):
+            return {}
+        try:
+            report = build_report(self.run_dir)
+            if write:
+                atomic_write_text(self.run_dir / REPORT_FILE, report.html)
+        except (OSError, ReasonerError) as exc:  # a report is no reason to stop training
+            self.warn(f"step {step}: report not written ({exc}); training goes on")
+            return {}
+        self.reported_step = step
+        return report.images if figures else {}
 
     def close(self) -> None:
         if self.wandb_run is not None:

@@ -342,6 +342,41 @@ def test_a_failed_refresh_warns_and_training_goes_on(tmp_path):
     assert "training goes on" in said[0] and not (tmp_path / "report.html").exists()
 
 
+class LoggedRun:
+    """Stands in for a W&B run: keeps what was logged, step by step."""
+
+    def __init__(self):
+        self.logged = []
+
+    def log(self, values, step):
+        self.logged.append((step, sorted(values)))
+
+
+def test_an_early_stop_gets_the_report_and_figures_of_its_last_step(tmp_path):
+    from mlx_reasoner.config import TrainConfig
+    from mlx_reasoner.tracking import RunTracker
+
+    tracker = RunTracker(TrainConfig(steps=10, report_every=4), tmp_path)
+    tracker.wandb_run = wandb = LoggedRun()
+    (tmp_path / "config.json").write_text(
+        json.dumps({"command": "mlx-reasoner train", "steps": 10})
+    )
+    with (tmp_path / "metrics.jsonl").open("w") as log:
+        for step in range(1, 6):
+            row = {"step": step, "reward_mean": 0.1 * step, "loss": 0.01 * step}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            tracker.after_step(step, row)
+    assert "step 4 of 10" in (tmp_path / "report.html").read_text()
+    tracker.finish()  # the run stopped after step 5, between two refreshes
+    assert "step 5 of 10" in (tmp_path / "report.html").read_text()
+    step, keys = wandb.logged[-1]
+    assert step == 5 and keys == ["report/loss", "report/reward"]
+    count = len(wandb.logged)
+    tracker.finish()  # nothing new since: nothing rebuilt, nothing sent
+    assert len(wandb.logged) == count
+
+
 def test_report_options_are_checked_before_anything_loads(tmp_path, monkeypatch):
     import importlib.util
 

@@ -195,6 +195,8 @@ def test_real_sigint_saves_a_checkpoint_and_prints_the_resume_command(tiny_model
             "1",
             "--save-every",
             "0",
+            "--report-every",
+            "400",  # not due before the stop: the stop itself writes the report
             "--run-dir",
             str(run_dir),
         ],
@@ -215,6 +217,10 @@ def test_real_sigint_saves_a_checkpoint_and_prints_the_resume_command(tiny_model
     assert "Traceback" not in err
     step = load_checkpoint(latest_checkpoint(run_dir))[2]["step"]
     assert step >= 2 and read_metrics(run_dir)[-1]["step"] == step
+    assert (
+        f"step {step} of 500 (still going, or stopped early)"
+        in (run_dir / "report.html").read_text()
+    )
 
 
 class RecordingDisplay:
