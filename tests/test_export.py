@@ -4,6 +4,11 @@ and is never written half or over another."""
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import mlx.nn as nn
 import mlx_lm
@@ -97,6 +102,55 @@ def test_quantized_export_loads_and_generates(exported, tmp_path, bits):
     assert all(answers) and len(answers) == len(PROMPTS)
     size = (out / "model.safetensors").stat().st_size
     assert size < 0.5 * (unquantized / "model.safetensors").stat().st_size
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlx_lm_server_serves_the_export_as_mlx_lm_generates_it(exported):
+    """The OpenAI-style chat endpoint of ``mlx_lm server`` answers greedily what
+    ``mlx_lm.generate`` gives on the same folder."""
+    _, folder = exported
+    want = greedy(*mlx_lm.load(str(folder)))[0]
+    port = free_port()
+    command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(folder)]
+    server = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port), "--log-level", "ERROR"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120  # the server's start: its imports and the model
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                urllib.request.urlopen(f"{base}/models", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlx_lm server did not start"
+                time.sleep(0.2)
+        messages = [
+            {"role": "system", "content": load_system_prompt("reasoning")},
+            {"role": "user", "content": PROMPTS[0]},
+        ]
+        body = {"messages": messages, "max_tokens": 12, "temperature": 0.0}
+        request = urllib.request.Request(
+            f"{base}/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert answer["choices"][0]["message"]["content"] == want
 
 
 @pytest.mark.slow
