@@ -244,13 +244,14 @@ class StopSignals:
     A second signal interrupts at once (KeyboardInterrupt); files are written atomically, so
     the last complete checkpoint survives either way. A rank of a distributed run also takes
     SIGHUP so: one that ``mlx.launch`` started over ssh gets it when its terminal goes.
+    ``reports`` marks rank 0 of such a run, whose closing error line speaks for every rank.
     """
 
-    def __init__(self, display, hang_up: bool = False):
+    def __init__(self, display, hang_up: bool = False, reports: bool = False):
         self.display = display
         self.received: str | None = None
         self._previous = {}
-        self._distributed = hang_up
+        self._reports = reports
         self._signals = [signal.SIGINT, signal.SIGTERM]
         if hang_up and hasattr(signal, "SIGHUP"):
             self._signals.append(signal.SIGHUP)
@@ -272,9 +273,10 @@ class StopSignals:
 
     def __exit__(self, exc_type, *exc):
         for sig, handler in self._previous.items():
-            if self._distributed and exc_type is not None and sig != signal.SIGINT:
-                # This rank is ending with its report on the way: when another rank died,
-                # mlx.launch sends the survivors SIGTERM, which must not cut that report off.
+            if self._reports and exc_type is not None and sig != signal.SIGINT:
+                # Rank 0 is ending with the run's report on the way: when another rank died,
+                # mlx.launch sends the survivors SIGTERM, which must not cut that report off
+                # (what is left is bounded: no collective, print, exit).
                 handler = signal.SIG_IGN
             signal.signal(sig, handler)
 
@@ -302,7 +304,9 @@ class TrainingRun:
         self.examples = loaded["examples"]
         self.held_out = loaded["held_out"]
         self.system_prompt = loaded["system_prompt"]
-        self.signals = StopSignals(display, hang_up=world.is_distributed)
+        self.signals = StopSignals(
+            display, hang_up=world.is_distributed, reports=world.is_distributed and world.is_main
+        )
         self.optimizer = None  # set by the command's fit() before restore()
         self.sampler = None
         self.last_step = 0

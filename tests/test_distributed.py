@@ -409,15 +409,16 @@ def test_a_killed_rank_ends_the_run_with_one_line_from_rank_0(tiny_model_dir, tm
     assert ranks_ended(tmp_path)
 
 
-# A rank leaving its training run with an error, then stopped by ``mlx.launch`` (which sends
-# SIGTERM to the survivors once one rank died) before its report is out.
+# Rank 0 leaving its training run with an error, then stopped by ``mlx.launch`` (which sends
+# SIGTERM to the survivors once one rank died) before its report is out. The other ranks keep
+# the usual SIGTERM: rank 0 speaks for the run, and they may be waiting for it to end.
 LATE_SIGTERM = """
 import os, signal
 from mlx_reasoner.run import StopSignals
 from mlx_reasoner.ui import QuietDisplay
 
 try:
-    with StopSignals(QuietDisplay(), hang_up=DISTRIBUTED):
+    with StopSignals(QuietDisplay(), hang_up=DISTRIBUTED, reports=DISTRIBUTED):
         raise RuntimeError("connection to a peer was lost")
 except RuntimeError:
     os.kill(os.getpid(), signal.SIGTERM)
@@ -426,7 +427,7 @@ except RuntimeError:
 
 
 @pytest.mark.parametrize("distributed", [True, False])
-def test_a_rank_ending_with_an_error_is_not_cut_off_by_sigterm(distributed):
+def test_rank_0_ending_with_an_error_is_not_cut_off_by_sigterm(distributed):
     script = LATE_SIGTERM.replace("DISTRIBUTED", str(distributed))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     if distributed:
