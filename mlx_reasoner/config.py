@@ -76,7 +76,8 @@ class RunConfig:
 
     model: str = option("Qwen/Qwen2.5-3B-Instruct", "Hub id or local mlx-lm model directory.")
     dataset: str = option(
-        "openai/gsm8k", "Hub id, task:NAME, or a local JSONL/JSON/CSV/Parquet file."
+        "openai/gsm8k",
+        "Hub id, task:NAME, a local JSONL/JSON/CSV/Parquet file, or a folder of them by split.",
     )
     dataset_config: str | None = option(None, "Hub dataset configuration (GSM8K: main).")
     split: str = option("train", "Dataset split to train on.")
@@ -143,7 +144,9 @@ class RunConfig:
         0, "Evaluate on held-out questions every N steps (0: never).", at_least=0
     )
     eval_limit: int = option(50, "Held-out questions per evaluation.", at_least=1)
-    eval_split: str = option("test", "Held-out split of a hub dataset or built-in task.")
+    eval_split: str = option(
+        "test", "Held-out split of a hub dataset, dataset folder or built-in task."
+    )
     max_bad_steps: int = option(
         5, "Stop after this many steps in a row with a non-finite loss or gradient.", at_least=1
     )
@@ -307,10 +310,11 @@ class EvalConfig:
     model: str = option("Qwen/Qwen2.5-3B-Instruct", "Hub id or local mlx-lm model directory.")
     adapter_path: str | None = option(None, "LoRA adapters to evaluate (a run folder).")
     dataset: str = option(
-        "openai/gsm8k", "Hub id, task:NAME, or a local JSONL/JSON/CSV/Parquet file."
+        "openai/gsm8k",
+        "Hub id, task:NAME, a local JSONL/JSON/CSV/Parquet file, or a folder of them by split.",
     )
     dataset_config: str | None = option(None, "Hub dataset configuration (GSM8K: main).")
-    split: str = option("test", "Held-out split (hub datasets and built-in tasks).")
+    split: str = option("test", "Held-out split (hub datasets, dataset folders, built-in tasks).")
     question_field: str = option("question", "Field holding the question.")
     answer_field: str = option("answer", "Field holding the gold answer ('… #### 42' is parsed).")
     system_prompt: str = option("reasoning", "Built-in prompt name (prompts/NAME.txt) or a file.")

@@ -1,10 +1,11 @@
 """The data stage: load question/answer examples, hold some out for evaluation, and cut the rest
 into shuffled, resumable batches.
 
-Examples come from a local JSONL/JSON/CSV/Parquet file, a Hugging Face hub dataset (GSM8K by
-default) or a built-in generated task (``task:NAME``, see :mod:`mlx_reasoner.tasks`); the gold
-answer is parsed once here so later stages compare plain strings. Held-out membership is decided
-by a stable hash of the question, so a question is never on both sides of a split.
+Examples come from a local JSONL/JSON/CSV/Parquet file, a folder of them with splits (as a hub
+download has), a Hugging Face hub dataset (GSM8K by default) or a built-in generated task
+(``task:NAME``, see :mod:`mlx_reasoner.tasks`); the gold answer is parsed once here so later
+stages compare plain strings. A single file's held-out questions are chosen by a stable hash of
+the question, so a question is never on both sides of a split.
 """
 
 from __future__ import annotations
@@ -51,16 +52,19 @@ def load_examples(
     seed: int = 0,
     reasoning_field: str = "reasoning",
 ) -> list[Example]:
-    """Load examples from a built-in task, a local file or the Hugging Face hub.
+    """Load examples from a built-in task, a local file or folder, or the Hugging Face hub.
 
     ``task:NAME`` (or ``task:NAME:COUNT``) generates examples of a built-in task; a name ending
-    in .jsonl/.json/.csv/.parquet, or naming an existing file, is read locally; anything else is
-    treated as a hub dataset id.
+    in .jsonl/.json/.csv/.parquet, or naming an existing file, is read locally; an existing
+    folder is read by ``datasets`` with its splits (``train.jsonl``, ``test.jsonl``, ...);
+    anything else is treated as a hub dataset id.
 
     Args:
-        dataset: ``"task:arithmetic"``, a local file path or a hub id such as ``"openai/gsm8k"``.
-        split: The hub split to load; for a JSON object file, the key holding the rows; for a
-            task, ``"train"`` gives the training questions and any other name the held-out ones.
+        dataset: ``"task:arithmetic"``, a local file or folder, or a hub id such as
+            ``"openai/gsm8k"``.
+        split: The split to load from the hub or a folder; for a JSON object file, the key
+            holding the rows; for a task, ``"train"`` gives the training questions and any
+            other name the held-out ones.
         question_field: The column holding the question.
         answer_field: The column holding the gold answer (GSM8K style ``#### 42`` is parsed).
         dataset_config: The hub config name; GSM8K defaults to ``"main"``.
@@ -101,9 +105,7 @@ def read_rows(
     """Raw rows of a local file or hub dataset, and a name for them in error messages."""
     path = Path(dataset).expanduser()
     if path.is_dir():
-        raise ReasonerError(
-            f"dataset {dataset} is a directory; pass a .jsonl/.json/.csv/.parquet file inside it"
-        )
+        return _read_folder(path, dataset_config, split), f"dataset folder {path}"
     if is_local_dataset(dataset):
         source = str(path)
         rows = _read_local(path, split)
@@ -114,18 +116,21 @@ def read_rows(
 
 
 def is_local_dataset(dataset: str) -> bool:
-    """Return whether :func:`load_examples` reads ``dataset`` from a local file.
+    """Return whether :func:`load_examples` reads ``dataset`` from one local file, which has
+    no splits (a folder has them, as a hub dataset does).
 
     Args:
         dataset: The dataset string given to :func:`load_examples`.
 
     Returns:
-        True for a path that exists or ends in .jsonl/.json/.csv/.parquet; False for a
-        built-in task (``task:...``) or a hub id.
+        True for an existing file or a path ending in .jsonl/.json/.csv/.parquet; False for
+        a folder, a built-in task (``task:...``) or a hub id.
     """
     if dataset.startswith(TASK_PREFIX):
         return False
     path = Path(dataset).expanduser()
+    if path.is_dir():
+        return False
     return path.exists() or path.suffix.lower() in _LOCAL_SUFFIXES
 
 
@@ -475,6 +480,36 @@ def _open_text(path: Path) -> Iterator[Any]:
             yield handle
     except UnicodeDecodeError as err:
         raise ReasonerError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _read_folder(path: Path, dataset_config: str | None, split: str) -> Iterable[Any]:
+    """A split of a local dataset folder, read by ``datasets`` as it reads a hub download:
+    splits by file name (``train.jsonl``, ``test-00000-of-00001.parquet``), configs from the
+    folder's README (``main``)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ReasonerError(
+            "the 'datasets' package is needed to read a dataset folder; pip install datasets, "
+            "or pass one of its .jsonl/.json/.csv/.parquet files with --dataset"
+        ) from None
+    try:
+        if dataset_config is None:
+            configs = datasets.get_dataset_config_names(str(path))
+            if len(configs) > 1:
+                raise ReasonerError(
+                    f"dataset folder {path} holds the configs {', '.join(configs)}; "
+                    "pick one with --dataset-config"
+                )
+        return datasets.load_dataset(str(path), dataset_config, split=split)
+    except ReasonerError:
+        raise
+    except Exception as err:  # noqa: BLE001  (bad split, bad config, no data files, ...)
+        raise ReasonerError(
+            f"could not read split '{split}' of dataset folder {path} ({type(err).__name__}: "
+            f"{_one_line(err)}); pick a split (--split, --eval-split) and a config "
+            "(--dataset-config) it holds, or pass one of its data files with --dataset"
+        ) from None
 
 
 def _read_hub(dataset: str, dataset_config: str | None, split: str) -> Iterable[Any]:

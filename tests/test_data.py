@@ -239,9 +239,70 @@ def test_unsupported_existing_file_is_an_error(tmp_path):
         load_examples(str(path))
 
 
-def test_directory_is_an_error(tmp_path):
-    with pytest.raises(ReasonerError, match="is a directory"):
-        load_examples(str(tmp_path))
+def rows_of(split, count):
+    return [{"question": f"{split} q{i}", "answer": f"so #### {i}"} for i in range(count)]
+
+
+def test_a_folder_is_read_by_split_like_a_hub_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows_of("train", 5))
+    write_jsonl(folder / "test.jsonl", rows_of("test", 3))
+    train = load_examples(str(folder))
+    test = load_examples(str(folder), split="test")
+    assert [ex.question for ex in train] == [f"train q{i}" for i in range(5)]
+    assert [ex.answer for ex in test] == ["0", "1", "2"]
+    assert not data.is_local_dataset(str(folder)), "a folder has splits: no hash split"
+    with pytest.raises(ReasonerError, match="could not read split 'validation'") as info:
+        load_examples(str(folder), split="validation")
+    assert "['train', 'test']" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_training_on_a_folder_holds_out_its_test_split(tmp_path, monkeypatch):
+    from mlx_reasoner.config import TrainConfig
+    from mlx_reasoner.run import load_train_and_eval_examples
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows_of("train", 20))
+    write_jsonl(folder / "test.jsonl", rows_of("test", 3))
+    config = TrainConfig(dataset=str(folder), eval_every=2)
+    examples, held_out = load_train_and_eval_examples(config)
+    assert len(examples) == 20, "every training row is kept: none is hashed out"
+    assert [ex.question for ex in held_out] == ["test q0", "test q1", "test q2"]
+    single = TrainConfig(dataset=str(folder / "train.jsonl"), eval_every=2, eval_fraction=0.25)
+    examples, held_out = load_train_and_eval_examples(single)
+    assert len(examples) + len(held_out) == 20 and held_out, "one file: a hash split"
+    assert all(ex.question.startswith("train") for ex in held_out)
+
+
+def test_a_folder_with_configs_takes_dataset_config(tmp_path, monkeypatch):
+    """The layout of ``openai/gsm8k`` downloaded from the hub: one folder per config of
+    Parquet files, and a README that names them."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "gsm8k"
+    configs = []
+    for config, count in (("main", 4), ("socratic", 2)):
+        (folder / config).mkdir(parents=True)
+        for split in ("train", "test"):
+            table = pyarrow.Table.from_pylist(rows_of(f"{config} {split}", count))
+            pyarrow.parquet.write_table(table, folder / config / f"{split}-00000-of-00001.parquet")
+        files = [f"  - split: {split}\n    path: {config}/{split}-*" for split in ("train", "test")]
+        configs.append(f"- config_name: {config}\n  data_files:\n" + "\n".join(files))
+    (folder / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n")
+    main = load_examples(str(folder), split="test", dataset_config="main")
+    assert [ex.question for ex in main] == [f"main test q{i}" for i in range(4)]
+    with pytest.raises(ReasonerError, match="holds the configs main, socratic; pick one with"):
+        load_examples(str(folder))
+
+
+def test_an_empty_folder_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReasonerError, match="could not read split 'train' of dataset folder"):
+        load_examples(str(tmp_path / "empty"))
 
 
 def test_corrupt_parquet_is_an_error(tmp_path):
