@@ -541,7 +541,8 @@ def _read_hub(dataset: str, dataset_config: str | None, split: str) -> Iterable[
         raise ReasonerError(
             f"could not load dataset '{dataset}' from the Hugging Face hub "
             f"({offline_reason}{type(err).__name__}: {_one_line(err)}); pass a local "
-            "JSONL/JSON/CSV/Parquet file with --dataset, or check the name, config and split"
+            "JSONL/JSON/CSV/Parquet file, or a folder of them (such as a download of the "
+            "dataset), with --dataset, or check the name, config and split"
         ) from None
 
 

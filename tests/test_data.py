@@ -379,7 +379,7 @@ def test_hub_failure_is_one_actionable_line(monkeypatch):
     message = one_line_error(excinfo)
     assert "could not load dataset 'someone/maths'" in message
     assert "ConnectionError: Couldn't reach the hub" in message
-    assert "pass a local JSONL/JSON/CSV/Parquet file with --dataset" in message
+    assert "pass a local JSONL/JSON/CSV/Parquet file, or a folder of them" in message
 
 
 def test_offline_hub_fails_fast_with_a_clear_error(monkeypatch):
@@ -393,7 +393,7 @@ def test_offline_hub_fails_fast_with_a_clear_error(monkeypatch):
     message = one_line_error(excinfo)
     assert "'mlx-reasoner-tests/no-such-dataset'" in message
     assert "offline mode is set" in message
-    assert "pass a local JSONL/JSON/CSV/Parquet file with --dataset" in message
+    assert "pass a local JSONL/JSON/CSV/Parquet file, or a folder of them" in message
 
 
 def test_hub_probe(monkeypatch):
