@@ -243,15 +243,22 @@ def rows_of(split, count):
     return [{"question": f"{split} q{i}", "answer": f"so #### {i}"} for i in range(count)]
 
 
-def test_a_folder_is_read_by_split_like_a_hub_download(tmp_path, monkeypatch):
+@pytest.fixture
+def split_folder(tmp_path, monkeypatch):
+    """A dataset folder of ``train.jsonl`` (20 rows) and ``test.jsonl`` (3 rows)."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "gsm8k"
     folder.mkdir()
-    write_jsonl(folder / "train.jsonl", rows_of("train", 5))
+    write_jsonl(folder / "train.jsonl", rows_of("train", 20))
     write_jsonl(folder / "test.jsonl", rows_of("test", 3))
+    return folder
+
+
+def test_a_folder_is_read_by_split_like_a_hub_download(split_folder):
+    folder = split_folder
     train = load_examples(str(folder))
     test = load_examples(str(folder), split="test")
-    assert [ex.question for ex in train] == [f"train q{i}" for i in range(5)]
+    assert [ex.question for ex in train] == [f"train q{i}" for i in range(20)]
     assert [ex.answer for ex in test] == ["0", "1", "2"]
     assert not data.is_local_dataset(str(folder)), "a folder has splits: no hash split"
     with pytest.raises(ReasonerError, match="could not read split 'validation'") as info:
@@ -259,15 +266,11 @@ def test_a_folder_is_read_by_split_like_a_hub_download(tmp_path, monkeypatch):
     assert "['train', 'test']" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_training_on_a_folder_holds_out_its_test_split(tmp_path, monkeypatch):
+def test_training_on_a_folder_holds_out_its_test_split(split_folder):
     from mlx_reasoner.config import TrainConfig
     from mlx_reasoner.run import load_train_and_eval_examples
 
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "gsm8k"
-    folder.mkdir()
-    write_jsonl(folder / "train.jsonl", rows_of("train", 20))
-    write_jsonl(folder / "test.jsonl", rows_of("test", 3))
+    folder = split_folder
     config = TrainConfig(dataset=str(folder), eval_every=2)
     examples, held_out = load_train_and_eval_examples(config)
     assert len(examples) == 20, "every training row is kept: none is hashed out"
