@@ -507,8 +507,8 @@ def _read_folder(path: Path, dataset_config: str | None, split: str) -> Iterable
     except Exception as err:  # noqa: BLE001  (bad split, bad config, no data files, ...)
         raise ReasonerError(
             f"could not read split '{split}' of dataset folder {path} ({type(err).__name__}: "
-            f"{_one_line(err)}); pick a split (--split, --eval-split) and a config "
-            "(--dataset-config) it holds, or pass one of its data files with --dataset"
+            f"{_one_line(err)}); name a split and config it holds (the split and "
+            "--dataset-config options), or pass one of its data files with --dataset"
         ) from None
 
 
