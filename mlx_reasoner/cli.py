@@ -10,7 +10,7 @@ import click
 
 from . import __version__
 from .config import EvalConfig, SFTConfig, TrainConfig, field_type, option_flag
-from .distributed import launched_rank
+from .distributed import launched_rank, launcher_stop_reported
 from .errors import ReasonerError
 
 
@@ -26,7 +26,8 @@ def user_errors(debug: bool) -> Iterator[None]:
     rank = launched_rank()
     prefix = f"rank {rank}: " if rank else ""  # rank 0 speaks for the run, unprefixed
     try:
-        yield
+        with launcher_stop_reported():
+            yield
     except ReasonerError as exc:
         if rank:
             quiet_if_reported(exc)

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -81,6 +82,42 @@ def peer_timeout() -> float:
     if value <= 0:
         raise ReasonerError(f"{TIMEOUT_VARIABLE} must be positive, got {text!r}")
     return value
+
+
+@contextlib.contextmanager
+def launcher_stop_reported() -> Iterator[None]:
+    """On rank 0 of a launched run: turn a SIGTERM or SIGHUP into one error line, not a silent
+    death. ``mlx.launch`` sends SIGTERM to every rank once one has ended, and rank 0 may get it
+    before noticing the lost rank itself (while loading, say). A training run's own handler
+    (``run.StopSignals``) takes over while it trains."""
+    if launched_rank() != 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+
+    def stop(signum, frame):
+        for sig in signals:  # one report: a second signal must not cut it off
+            signal.signal(sig, signal.SIG_IGN)
+        why = (
+            "under mlx.launch this means another rank has ended (its error, if it printed "
+            "one, is above)"
+            if signum == signal.SIGTERM
+            else "its terminal or ssh connection closed"
+        )
+        name = signal.Signals(signum).name
+        raise ReasonerError(f"stopped by {name}; {why}", exit_code=128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    try:
+        yield
+    except BaseException:
+        # The error is on its way to being printed: the launcher's stop must not cut it off
+        # (what is left is bounded: print, exit).
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+        raise
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 class RunEnded(ReasonerError):

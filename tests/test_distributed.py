@@ -160,6 +160,13 @@ def ranks_ended(tmp_path) -> bool:
     return True
 
 
+def error_lines(output: str) -> list[str]:
+    """Each ``error: …`` message in a launch's output, from ``error:`` on. ``mlx.launch`` writes
+    its own warnings into the same stream from other threads, so one may land on the same line
+    before the message; a message is one write, so it stays whole."""
+    return [line[line.index("error:") :] for line in output.splitlines() if "error:" in line]
+
+
 def grpo_args(model_dir, rewards, run_dir, steps=4):
     return [
         "train",
@@ -404,7 +411,7 @@ def test_a_killed_rank_ends_the_run_with_one_line_from_rank_0(tiny_model_dir, tm
     args = grpo_args(tiny_model_dir, rewards, tmp_path / "run")
     env = {"ACTION": "SIGKILL", "STOP_RANK": "1", "STOP_AT_CALL": "1"}
     code, output, seconds = launch(["-m", "mlx_reasoner.cli", *args], tmp_path, env)
-    errors = [line for line in output.splitlines() if "error:" in line]
+    errors = error_lines(output)
     assert errors and errors[0].startswith("error: lost contact with the other ranks"), output
     assert ranks_ended(tmp_path)
 
@@ -437,13 +444,79 @@ def test_rank_0_ending_with_an_error_is_not_cut_off_by_sigterm(distributed):
         assert done.returncode == -signal.SIGTERM and done.stdout == ""
 
 
+KILLED_ON_RANK_1 = """
+import os, signal
+if os.environ.get("MLX_RANK") == "1":
+    os.kill(os.getpid(), signal.SIGKILL)  # dies while the ranks check their inputs
+
+def length_share(completions, answers, **kwargs):
+    return [len(c) / 40 for c in completions]
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_killed_before_training_ends_the_run_with_one_line_from_rank_0(
+    tiny_model_dir, tmp_path
+):
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(KILLED_ON_RANK_1)
+    args = grpo_args(tiny_model_dir, rewards, tmp_path / "run")
+    _, output, _ = launch(["-m", "mlx_reasoner.cli", *args], tmp_path)
+    errors = error_lines(output)
+    # Rank 0 learns it either way first: from the closed connection, or from the launcher.
+    said = ("error: lost contact with the other ranks", "error: stopped by SIGTERM; under mlx")
+    assert len(errors) == 1 and errors[0].startswith(said), output
+    assert not (tmp_path / "run").exists(), "nothing was started: no folder is left"
+
+
+# Rank 0 stopped by the launcher outside a training run (loading, evaluating), or once its
+# error is on the way out; a rank other than 0 keeps the usual SIGTERM.
+LAUNCHER_STOP = """
+import os, signal, time
+from mlx_reasoner import ui
+from mlx_reasoner.cli import user_errors
+from mlx_reasoner.errors import ReasonerError
+
+if os.environ["CASE"] == "late":
+    report = ui.on_error
+
+    def late(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        report(*args, **kwargs)
+
+    ui.on_error = late
+with user_errors(False):
+    if os.environ["CASE"] == "late":
+        raise ReasonerError("lost contact with the other ranks while loading")
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize(
+    "rank, case, code, line",
+    [
+        ("0", "stop", 143, "error: stopped by SIGTERM; under mlx.launch this means another rank"),
+        ("0", "late", 1, "error: lost contact with the other ranks while loading"),
+        ("1", "stop", -signal.SIGTERM, ""),
+    ],
+)
+def test_rank_0_says_why_the_launcher_stopped_it(rank, case, code, line):
+    env = {**os.environ, "MLX_RANK": rank, "MLX_WORLD_SIZE": "2", "CASE": case}
+    done = subprocess.run(
+        [sys.executable, "-c", LAUNCHER_STOP], env=env, capture_output=True, text=True, timeout=25
+    )
+    assert done.returncode == code, done.stderr
+    assert done.stderr.strip().startswith(line) and len(done.stderr.strip().splitlines()) <= 1
+
+
 @pytest.mark.slow
 def test_bad_input_on_one_rank_is_reported_by_rank_0(tiny_model_dir, tmp_path):
     rewards = tmp_path / "rewards.py"
     rewards.write_text(BROKEN_ON_RANK_1)
     args = grpo_args(tiny_model_dir, rewards, tmp_path / "run")
     code, output, _ = launch(["-m", "mlx_reasoner.cli", *args], tmp_path)
-    errors = [line for line in output.splitlines() if "error:" in line]
+    errors = error_lines(output)
     assert len(errors) == 1, output
     assert errors[0].startswith("error: rank 1 of 2 could not go on")
     assert "this machine's copy of the reward file is broken" in errors[0]
