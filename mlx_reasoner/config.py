@@ -70,15 +70,18 @@ def check_ranges(config) -> None:
         raise ReasonerError(f"{option_flag(f.name)} {problem}, got {value}")
 
 
+# train, sft and eval read their data the same way.
+DATASET_HELP = (
+    "Hub id, task:NAME, a local JSONL/JSON/CSV/Parquet file, or a folder of them by split."
+)
+
+
 @dataclass
 class RunConfig:
     """Options shared by the commands that train adapters (``train`` and ``sft``)."""
 
     model: str = option("Qwen/Qwen2.5-3B-Instruct", "Hub id or local mlx-lm model directory.")
-    dataset: str = option(
-        "openai/gsm8k",
-        "Hub id, task:NAME, a local JSONL/JSON/CSV/Parquet file, or a folder of them by split.",
-    )
+    dataset: str = option("openai/gsm8k", DATASET_HELP)
     dataset_config: str | None = option(None, "Hub dataset configuration (GSM8K: main).")
     split: str = option("train", "Dataset split to train on.")
     question_field: str = option("question", "Field holding the question.")
@@ -309,10 +312,7 @@ class EvalConfig:
 
     model: str = option("Qwen/Qwen2.5-3B-Instruct", "Hub id or local mlx-lm model directory.")
     adapter_path: str | None = option(None, "LoRA adapters to evaluate (a run folder).")
-    dataset: str = option(
-        "openai/gsm8k",
-        "Hub id, task:NAME, a local JSONL/JSON/CSV/Parquet file, or a folder of them by split.",
-    )
+    dataset: str = option("openai/gsm8k", DATASET_HELP)
     dataset_config: str | None = option(None, "Hub dataset configuration (GSM8K: main).")
     split: str = option("test", "Held-out split (hub datasets, dataset folders, built-in tasks).")
     question_field: str = option("question", "Field holding the question.")

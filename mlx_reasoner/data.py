@@ -482,17 +482,23 @@ def _open_text(path: Path) -> Iterator[Any]:
         raise ReasonerError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-def _read_folder(path: Path, dataset_config: str | None, split: str) -> Iterable[Any]:
-    """A split of a local dataset folder, read by ``datasets`` as it reads a hub download:
-    splits by file name (``train.jsonl``, ``test-00000-of-00001.parquet``), configs from the
-    folder's README (``main``)."""
+def _import_datasets(needed_to: str, instead: str):
+    """The ``datasets`` package, or one line saying how to do without it."""
     try:
         import datasets
     except ImportError:
         raise ReasonerError(
-            "the 'datasets' package is needed to read a dataset folder; pip install datasets, "
-            "or pass one of its .jsonl/.json/.csv/.parquet files with --dataset"
+            f"the 'datasets' package is needed to {needed_to}; pip install datasets, "
+            f"or pass {instead} with --dataset"
         ) from None
+    return datasets
+
+
+def _read_folder(path: Path, dataset_config: str | None, split: str) -> Iterable[Any]:
+    """A split of a local dataset folder, read by ``datasets`` as it reads a hub download:
+    splits by file name (``train.jsonl``, ``test-00000-of-00001.parquet``), configs from the
+    folder's README (``main``)."""
+    datasets = _import_datasets("read a dataset folder", "one of its data files")
     try:
         if dataset_config is None:
             configs = datasets.get_dataset_config_names(str(path))
@@ -514,14 +520,7 @@ def _read_folder(path: Path, dataset_config: str | None, split: str) -> Iterable
 
 def _read_hub(dataset: str, dataset_config: str | None, split: str) -> Iterable[Any]:
     """Load a split from the Hugging Face hub (or its local cache) as an iterable of rows."""
-    try:
-        import datasets
-    except ImportError:
-        raise ReasonerError(
-            "the 'datasets' package is needed to load hub datasets; "
-            "pip install datasets, or pass a local JSONL/JSON/CSV/Parquet file with --dataset"
-        ) from None
-
+    datasets = _import_datasets("load hub datasets", "a local JSONL/JSON/CSV/Parquet file")
     if dataset == "gsm8k":
         dataset = GSM8K
     if dataset == GSM8K and dataset_config is None:

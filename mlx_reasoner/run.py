@@ -585,7 +585,7 @@ def training_run(
                 fit(run)
             except StopTraining as stop:
                 if run.tracker is not None:  # the report as of the step the run stopped at
-                    run.tracker.finish()
+                    run.tracker.finish(stop.step)
                 exit_code = stop_exit_code(world, run.signals.received)
                 message = (
                     f"{stop.reason}; checkpoint of step {stop.step} saved. Resume with: "

@@ -46,7 +46,7 @@ class RunTracker:
         self.run_dir = Path(run_dir)
         self.warn = warn
         self.wandb_run = None
-        self.last_step = self.reported_step = 0
+        self.reported_step = 0  # the last step whose report and figures are out
         if config.report_to == "wandb":
             self.wandb_run = start_wandb(config, self.run_dir)
 
@@ -56,23 +56,20 @@ class RunTracker:
         from .trainer import is_due
 
         config = self.config
-        self.last_step = step
         refresh = config.report_every > 0 and is_due(step, config.report_every, config.steps)
         figures = self.wandb_run is not None and (refresh or step == config.steps)
         images = self._report(step, refresh, figures)
         if self.wandb_run is not None:
             log_to_wandb(self.wandb_run, step, metrics, images)
 
-    def finish(self) -> None:
-        """At an early stop: the report and the W&B figures as of the last step, where the
-        cadence left them behind (a run that reaches --steps has them from its last step)."""
-        if self.last_step <= self.reported_step:
+    def finish(self, step: int) -> None:
+        """At an early stop after ``step``: the report and the W&B figures as of that step,
+        where the cadence left them behind (a run that reaches --steps has them already)."""
+        if step <= self.reported_step:
             return
-        images = self._report(
-            self.last_step, self.config.report_every > 0, self.wandb_run is not None
-        )
+        images = self._report(step, self.config.report_every > 0, self.wandb_run is not None)
         if images:
-            log_to_wandb(self.wandb_run, self.last_step, {}, images)
+            log_to_wandb(self.wandb_run, step, {}, images)
 
     def _report(self, step: int, write: bool, figures: bool) -> dict[str, bytes]:
         """Rebuild the report from the run folder; write it (``write``) and return its images

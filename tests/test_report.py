@@ -368,12 +368,12 @@ def test_an_early_stop_gets_the_report_and_figures_of_its_last_step(tmp_path):
             log.flush()
             tracker.after_step(step, row)
     assert "step 4 of 10" in (tmp_path / "report.html").read_text()
-    tracker.finish()  # the run stopped after step 5, between two refreshes
+    tracker.finish(5)  # the run stopped after step 5, between two refreshes
     assert "step 5 of 10" in (tmp_path / "report.html").read_text()
     step, keys = wandb.logged[-1]
     assert step == 5 and keys == ["report/loss", "report/reward"]
     count = len(wandb.logged)
-    tracker.finish()  # nothing new since: nothing rebuilt, nothing sent
+    tracker.finish(5)  # nothing new since: nothing rebuilt, nothing sent
     assert len(wandb.logged) == count
 
 
